@@ -1,0 +1,75 @@
+"""Checkpoints: atomic writes, safe loads (`weights_only=True`), and the latest intact one of a folder."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)\.pt$")
+
+
+class CheckpointError(Exception):
+    """A checkpoint is unreadable, truncated, or not a plain tensors-and-containers file."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint-{step:07d}.pt"
+
+
+def atomic_write_bytes(path: Path, write: Any) -> None:
+    """Call `write(file)` on a temporary file beside `path`, fsync it, then rename it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    atomic_write_bytes(path, lambda handle: torch.save(state, handle))
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load with `weights_only=True`: a file that would run code when unpickled is refused."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
+        raise CheckpointError(f"{path}: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+    if not isinstance(state, dict) or "model" not in state or "step" not in state:
+        raise CheckpointError(f"{path}: not a vat-job checkpoint")
+    return state
+
+
+def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """Checkpoints of `folder`, newest first."""
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        match = CHECKPOINT_PATTERN.match(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found, reverse=True)
+
+
+def latest_intact_checkpoint(folder: Path, on_corrupt: Any = lambda path, error: None) -> dict[str, Any] | None:
+    """The newest checkpoint of `folder` that loads; broken ones are reported through `on_corrupt` and skipped."""
+    for _, path in list_checkpoints(folder):
+        try:
+            return load_checkpoint(path)
+        except CheckpointError as error:
+            on_corrupt(path, error)
+    return None

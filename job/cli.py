@@ -1,0 +1,85 @@
+"""The command line: `vat-job` (run the job) and `vat-job collect`; the only place errors become exit codes.
+
+Exit codes (documented in the README):
+  0  success
+  1  unexpected internal error (a bug: the traceback is in the log line)
+  2  configuration error: a setting is invalid, or a run id is reused with other training settings
+  3  data error: MNIST missing, corrupt and not downloadable
+  4  storage error: the bucket is unreachable, missing or access is denied (local artifacts are kept)
+  5  interrupted by SIGTERM/SIGINT: a checkpoint was written; run again with the same VAT_RUN_ID to resume
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+from job import logs
+from job.data import DataError
+from job.settings import ConfigError, load_settings
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_CONFIG = 2
+EXIT_DATA = 3
+EXIT_STORAGE = 4
+EXIT_INTERRUPTED = 5
+
+USAGE = """usage: vat-job            run the job (settings from VAT_* environment variables, see .env.example)
+       vat-job collect    list runs in the bucket (see vat-job collect --help)"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("-h", "--help"):
+        print(USAGE)
+        return EXIT_OK
+    if args and args[0] == "collect":
+        from job.collect import main as collect_main
+
+        return collect_main(args[1:])
+    if args and args[0] != "run":
+        print(USAGE, file=sys.stderr)
+        return EXIT_CONFIG
+    return run()
+
+
+def run() -> int:
+    fallback_format = os.environ.get("VAT_LOG_FORMAT", "json")
+    logs.configure_logging("console" if fallback_format == "console" else "json")
+    log = logs.get_logger()
+    try:
+        settings = load_settings()
+    except ConfigError as error:
+        log.error("config_error", message=str(error), exit_code=EXIT_CONFIG)
+        return EXIT_CONFIG
+    logs.configure_logging(settings.log_format, settings.log_level)
+    logs.bind_run(settings.run_id)
+    log = logs.get_logger()
+
+    # Imported here so that `vat-job --help` and settings errors answer without loading torch.
+    from job.__main__ import run_job
+    from job.train import Interrupted, ResumeMismatch, StopFlag
+
+    stop = StopFlag()
+    stop.install()
+    try:
+        run_job(settings, stop, log)
+        return EXIT_OK
+    except (ConfigError, ResumeMismatch) as error:
+        log.error("config_error", message=str(error), exit_code=EXIT_CONFIG)
+        return EXIT_CONFIG
+    except DataError as error:
+        log.error("data_error", message=str(error), exit_code=EXIT_DATA)
+        return EXIT_DATA
+    except Interrupted as error:
+        log.warning("interrupted", signal=stop.signal_name, phase=error.phase, step=error.step,
+                    checkpoint=str(error.checkpoint), exit_code=EXIT_INTERRUPTED,
+                    message="run again with the same VAT_RUN_ID to resume")
+        return EXIT_INTERRUPTED
+    except Exception:
+        log.exception("internal_error", exit_code=EXIT_INTERNAL)
+        return EXIT_INTERNAL
+    finally:
+        logs.close_run_log()

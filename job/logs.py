@@ -1,0 +1,98 @@
+"""structlog set-up: JSON lines on stdout (or a coloured console form), and a JSON copy in the run folder.
+
+Every line carries an ISO timestamp, the level, the event and the run id. Python warnings and the
+standard `logging` records of libraries are routed through the same renderer, so in json mode nothing
+reaches stdout that is not a JSON line.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, TextIO
+
+import structlog
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+class _RunLogFile:
+    """The run folder's log.jsonl; opened once the run folder is known, appended line by line."""
+
+    def __init__(self) -> None:
+        self.handle: TextIO | None = None
+        self.render = structlog.processors.JSONRenderer()
+
+    def __call__(self, logger: Any, name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+        if self.handle is not None:
+            self.handle.write(str(self.render(logger, name, dict(event_dict))) + "\n")
+            self.handle.flush()
+        return event_dict
+
+
+_run_log = _RunLogFile()
+
+
+def configure_logging(log_format: str = "json", level: str = "info", stream: TextIO | None = None) -> None:
+    """Configure structlog for the whole process; safe to call again (tests do)."""
+    stream = stream or sys.stdout
+    renderer: Any
+    if log_format == "console":
+        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
+    else:
+        renderer = structlog.processors.JSONRenderer()
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.dict_tracebacks,
+            _run_log,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        cache_logger_on_first_use=False,
+    )
+    _route_stdlib_and_warnings(level)
+
+
+def _route_stdlib_and_warnings(level: str) -> None:
+    class _ToStructlog(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            log = structlog.get_logger(record.name)
+            log.log(record.levelno, record.getMessage(), logger=record.name)
+
+    root = logging.getLogger()
+    root.handlers = [_ToStructlog()]
+    root.setLevel(max(_LEVELS[level], logging.WARNING))
+
+    def show_warning(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        structlog.get_logger("warnings").warning(
+            "python_warning", category=category.__name__, message=str(message), where=f"{filename}:{lineno}"
+        )
+
+    warnings.showwarning = show_warning
+
+
+def bind_run(run_id: str) -> None:
+    structlog.contextvars.bind_contextvars(run_id=run_id)
+
+
+def open_run_log(path: Path) -> None:
+    """Append every following line to `path` as JSON too (kept with the run's artifacts)."""
+    close_run_log()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _run_log.handle = path.open("a", encoding="utf-8")
+
+
+def close_run_log() -> None:
+    if _run_log.handle is not None:
+        _run_log.handle.close()
+        _run_log.handle = None
+
+
+def get_logger(name: str = "vat-job") -> Any:
+    return structlog.get_logger(name)

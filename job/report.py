@@ -1,0 +1,130 @@
+"""report.json and the article's pictures (loss curves, the labelled images, confusion matrices)."""
+
+from __future__ import annotations
+
+import json
+import platform
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # a batch job has no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from job.checkpoint import atomic_write_bytes  # noqa: E402
+from job.layout import RunLayout  # noqa: E402
+
+REPORT_VERSION = 1
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    versions = {}
+    for package in ("vat-job", "torch", "torchvision", "numpy", "scikit-learn", "pydantic-settings", "boto3", "structlog"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": versions,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "cpu_threads": torch.get_num_threads(),
+    }
+    return info
+
+
+def write_json(path: Path, payload: Any) -> None:
+    text = json.dumps(payload, indent=2, sort_keys=False) + "\n"
+    atomic_write_bytes(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def build_report(
+    run_id: str,
+    settings: dict[str, Any],
+    env: dict[str, Any],
+    split: dict[str, Any],
+    models: dict[str, Any],
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    return {
+        "report_version": REPORT_VERSION,
+        "run_id": run_id,
+        "created_at": datetime.now(timezone.utc).isoformat(),
+        "settings": settings,
+        "environment": env,
+        "split": split,
+        "models": models,
+        "timings_s": timings,
+    }
+
+
+def _save_figure(fig: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(handle: Any) -> None:
+        fig.savefig(handle, format="png", dpi=100, bbox_inches="tight")
+
+    atomic_write_bytes(path, write)
+    plt.close(fig)
+
+
+def plot_losses(layout: RunLayout, histories: dict[str, dict[str, list[float]]]) -> list[Path]:
+    """The article's curves: cross-entropy of both models, and VAT's LDS (plus entropy when used)."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for name, history in histories.items():
+        axes[0].plot(history["cross_entropy"], label=name, linewidth=0.8)
+    axes[0].set(title="labelled cross-entropy", xlabel="update", yscale="log")
+    axes[0].legend()
+    vat = histories.get("vat", {})
+    axes[1].plot(vat.get("lds", []), label="LDS", linewidth=0.8)
+    if any(vat.get("entropy", [])):
+        axes[1].plot(vat["entropy"], label="entropy", linewidth=0.8)
+    axes[1].set(title="VAT: local distributional smoothness", xlabel="update")
+    axes[1].legend()
+    path = layout.plots / "losses.png"
+    _save_figure(fig, path)
+    return [path]
+
+
+def plot_labeled_images(layout: RunLayout, images: torch.Tensor, labels: torch.Tensor) -> Path:
+    """The labelled images sorted by class, in a square grid as in the article."""
+    order = torch.argsort(labels.cpu(), stable=True)
+    images, labels = images.cpu()[order].numpy(), labels.cpu()[order].numpy()
+    side = int(np.ceil(np.sqrt(len(images))))
+    fig, axes = plt.subplots(side, side, figsize=(side, side))
+    for i, ax in enumerate(np.ravel(axes)):
+        ax.set_axis_off()
+        if i < len(images):
+            ax.imshow(images[i], cmap="gray")
+            ax.set_title(str(labels[i]), fontsize=6, pad=1)
+    fig.subplots_adjust(wspace=0.05, hspace=0.3)
+    path = layout.plots / "labeled_images.png"
+    _save_figure(fig, path)
+    return path
+
+
+def plot_confusion_matrices(layout: RunLayout, models: dict[str, Any]) -> list[Path]:
+    paths = []
+    for test_set in ("seeded_test", "mnist_test"):
+        fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4.5))
+        for ax, (name, result) in zip(np.atleast_1d(axes), models.items()):
+            matrix = np.array(result[test_set]["confusion_matrix"])
+            ax.imshow(matrix, cmap="Blues")
+            for (row, col), value in np.ndenumerate(matrix):
+                ax.text(col, row, str(value), ha="center", va="center", fontsize=6,
+                        color="white" if value > matrix.max() / 2 else "black")
+            ax.set(title=f"{name}: accuracy {result[test_set]['accuracy']:.4f}", xlabel="predicted", ylabel="true",
+                   xticks=range(10), yticks=range(10))
+        fig.suptitle(test_set)
+        path = layout.plots / f"confusion_{test_set}.png"
+        _save_figure(fig, path)
+        paths.append(path)
+    return paths

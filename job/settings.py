@@ -1,0 +1,223 @@
+"""Every setting of the job, read from `VAT_*` environment variables (and `.env`), validated at start.
+
+The field names are the public interface: `VAT_<FIELD NAME IN UPPER CASE>`. `.env.example` documents each
+one and a test keeps the two in step. `VAT_PRESET=article` switches the defaults of the training
+hyperparameters to the seed article's; a variable set explicitly always wins over a preset.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "VAT_"
+
+# The seed article's training recipe, reproduced exactly by VAT_PRESET=article, quirks included.
+ARTICLE_PRESET: dict[str, Any] = {
+    "baseline_steps": 500,
+    "train_steps": 3000,
+    "labeled_batch_size": 100,
+    "unlabeled_batch_size": 512,
+    "lr": 1e-3,
+    "lr_decay": "none",
+    "epsilon": 2.5,
+    "xi": 1e-6,
+    "power_iterations": 1,
+    "entmin_weight": 0.0,
+    "perturbed_bn": "update",
+    "dropout_masks": "independent",
+}
+
+RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class ConfigError(Exception):
+    """A setting is invalid; the message is one line naming the variable, its value and what is allowed."""
+
+
+def generate_run_id() -> str:
+    """A sortable, unique run id: UTC time plus a random suffix."""
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    # Where things are.
+    preset: Literal["default", "article"] = "default"
+    data_dir: Path = Path("data")
+    mnist_mirrors: list[str] = Field(
+        default=[
+            "https://ossci-datasets.s3.amazonaws.com/mnist/",
+            "http://yann.lecun.com/exdb/mnist/",
+        ]
+    )
+    download_retries: int = Field(default=3, ge=1, le=20)
+    download_timeout_s: float = Field(default=60.0, gt=0)
+    output_dir: Path = Path("runs")
+    run_id: str = Field(default_factory=generate_run_id)
+
+    # The split (the article's procedure).
+    test_split_seed: int = Field(default=42, ge=0, le=2**32 - 1)
+    label_split_seed: int = Field(default=1, ge=0, le=2**32 - 1)
+    label_split_seed_from_index: bool = False
+    num_labeled: int = Field(default=100, ge=10, le=49_000)
+    num_unlabeled: int | None = Field(default=None, ge=1)
+
+    # Training.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = Field(default=0, ge=0, le=2**63 - 1)
+    deterministic: bool = True
+    amp: Literal["off", "bf16", "fp16"] = "off"
+    cuda_graphs: bool = True
+    baseline_steps: int = Field(default=500, ge=0)
+    train_steps: int = Field(default=3000, ge=0)
+    labeled_batch_size: int = Field(default=100, ge=1)
+    unlabeled_batch_size: int = Field(default=512, ge=1)
+    lr: float = Field(default=1e-3, gt=0, le=1.0)
+    lr_decay: Literal["none", "linear"] = "linear"
+    epsilon: float = Field(default=2.5, gt=0)
+    xi: float = Field(default=1e-6, gt=0)
+    power_iterations: int = Field(default=1, ge=1, le=10)
+    vat_weight: float = Field(default=1.0, ge=0)
+    entmin_weight: float = Field(default=0.0, ge=0)
+    perturbed_bn: Literal["frozen", "update"] = "frozen"
+    dropout_masks: Literal["shared", "independent"] = "shared"
+    checkpoint_every: int = Field(default=500, ge=1)
+    eval_batch_size: int = Field(default=2000, ge=1)
+
+    # Output.
+    log_format: Literal["json", "console"] = "json"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_every_s: float = Field(default=5.0, gt=0)
+    plots: bool = True
+
+    # Object storage (the endpoint and credentials come from boto3's own variables).
+    s3_bucket: str | None = None
+    s3_prefix: str = "vat-job"
+    s3_endpoint_url: str | None = None
+    s3_addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    s3_checksums: Literal["when_required", "when_supported"] = "when_required"
+    s3_max_attempts: int = Field(default=5, ge=1, le=20)
+    s3_connect_timeout_s: float = Field(default=5.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("preset") == "article":
+            for name, value in ARTICLE_PRESET.items():
+                data.setdefault(name, value)
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sweep_index(cls, data: Any) -> Any:
+        # A Kubernetes Indexed Job gives each pod JOB_COMPLETION_INDEX; a sweep trains label seed 1+index.
+        if isinstance(data, dict) and str(data.get("label_split_seed_from_index", "")).lower() in ("1", "true", "yes", "on"):
+            index = os.environ.get("JOB_COMPLETION_INDEX")
+            if index is None:
+                raise ValueError("label_split_seed_from_index needs JOB_COMPLETION_INDEX (set by an Indexed Job)")
+            base = int(data.get("label_split_seed", 1))
+            data["label_split_seed"] = base + int(index)
+        return data
+
+    @field_validator("run_id")
+    @classmethod
+    def _run_id_is_a_path_segment(cls, value: str) -> str:
+        if not RUN_ID_PATTERN.match(value):
+            raise ValueError("must be 1-128 characters of letters, digits, '.', '_' or '-', starting with a letter or digit")
+        return value
+
+    @field_validator("s3_prefix")
+    @classmethod
+    def _prefix_without_slashes_at_ends(cls, value: str) -> str:
+        return value.strip("/")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Settings":
+        if self.labeled_batch_size > self.num_labeled:
+            raise ValueError(
+                f"VAT_LABELED_BATCH_SIZE={self.labeled_batch_size} is larger than VAT_NUM_LABELED={self.num_labeled}"
+            )
+        pool = 50_000 - self.num_labeled
+        if self.num_unlabeled is not None and self.num_unlabeled > pool:
+            raise ValueError(f"VAT_NUM_UNLABELED={self.num_unlabeled} is larger than the unlabelled pool ({pool})")
+        unlabeled = self.num_unlabeled or pool
+        if self.train_steps and self.unlabeled_batch_size > unlabeled:
+            raise ValueError(
+                f"VAT_UNLABELED_BATCH_SIZE={self.unlabeled_batch_size} is larger than the unlabelled set ({unlabeled})"
+            )
+        return self
+
+    @property
+    def resolved_num_unlabeled(self) -> int:
+        return self.num_unlabeled or 50_000 - self.num_labeled
+
+    def public_dict(self) -> dict[str, Any]:
+        """The settings as JSON-ready values, with anything secret-looking redacted."""
+        out: dict[str, Any] = {}
+        for name, value in self.model_dump(mode="json").items():
+            if re.search(r"secret|password|token|key", name):
+                value = "***"
+            elif isinstance(value, str):
+                value = re.sub(r"//[^/@]+@", "//***@", value)
+            out[name] = value
+        return out
+
+
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def _unknown_variables(environ: dict[str, str]) -> list[str]:
+    known = {env_name(name) for name in Settings.model_fields}
+    return sorted(k for k in environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known)
+
+
+def load_settings(env_file: str | Path | None = ".env", **overrides: Any) -> Settings:
+    """Read and validate the settings; raise ConfigError with one line that says what to fix."""
+    unknown = _unknown_variables(dict(os.environ))
+    if unknown:
+        raise ConfigError(
+            f"{unknown[0]}={os.environ[unknown[0]]!r}: unknown setting (a typo?); the settings are listed in .env.example"
+        )
+    try:
+        return Settings(_env_file=env_file, **overrides)
+    except ValidationError as error:
+        raise ConfigError(_one_line(error, dict(os.environ))) from None
+
+
+def _one_line(error: ValidationError, env: dict[str, str]) -> str:
+    problems = []
+    for item in error.errors():
+        loc = [str(part) for part in item["loc"]]
+        if loc:
+            name = env_name(loc[0])
+            value = env.get(name, item.get("input"))
+            problems.append(f"{name}={value!r}: {_allowed(item)}")
+        else:
+            problems.append(str(item["msg"]).removeprefix("Value error, "))
+    return "; ".join(problems)
+
+
+def _allowed(item: dict[str, Any]) -> str:
+    msg = str(item["msg"]).removeprefix("Value error, ")
+    ctx = item.get("ctx") or {}
+    if item["type"] == "literal_error" and "expected" in ctx:
+        return f"must be one of {ctx['expected']}"
+    if item["type"] == "extra_forbidden":
+        return "unknown setting (a typo?); the settings are listed in .env.example"
+    return msg[0].lower() + msg[1:] if msg else msg

@@ -1,0 +1,368 @@
+"""The two training loops (labelled-only baseline, then VAT), with AMP, checkpoints, resume and stop-on-signal.
+
+One loop serves both models; only the update differs (`baseline_update`, `vat_update`). Batches are
+drawn on the training device from the uint8 images already there. All training randomness (batches,
+dropout masks, VAT directions) comes from the device's default generator, whose state every checkpoint
+keeps, so a resumed run continues exactly where it stopped.
+
+VAT's noise, decided and measured (BENCHMARKS.md):
+- BatchNorm: the perturbed passes normalise with their own batch statistics but, with
+  `perturbed_bn="frozen"`, leave the running statistics alone (the article lets them update them).
+- Dropout: with `dropout_masks="shared"` the clean and perturbed passes use one mask, so the power
+  iteration measures the effect of the perturbation, not of a different mask (the article draws anew).
+- Mixed precision: the clean target and the power iteration run in float32 with TF32 off, because a
+  perturbation of norm xi=1e-6 is rounded away in half precision; the other passes use autocast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from job.checkpoint import CheckpointError, checkpoint_name, latest_intact_checkpoint, load_checkpoint, save_checkpoint
+from job.data import MnistSplit, as_float_batch
+from job.model import build_model
+from job.settings import ConfigError
+from job.vat import entropy_with_logits, lds_loss
+
+LOSS_NAMES = ("cross_entropy", "lds", "entropy")
+
+# Settings that change what a phase computes: a run resumed with other values would mix two experiments.
+TRAINING_FIELDS = {
+    "baseline": ("seed", "test_split_seed", "label_split_seed", "num_labeled", "baseline_steps", "labeled_batch_size", "lr", "lr_decay"),
+    "vat": (
+        "seed", "test_split_seed", "label_split_seed", "num_labeled", "num_unlabeled", "train_steps", "labeled_batch_size",
+        "unlabeled_batch_size", "lr", "lr_decay", "epsilon", "xi", "power_iterations", "vat_weight", "entmin_weight",
+        "perturbed_bn", "dropout_masks",
+    ),
+}
+
+
+class Interrupted(Exception):
+    """Training stopped on a signal after writing a checkpoint at `step`."""
+
+    def __init__(self, phase: str, step: int, checkpoint: Path) -> None:
+        super().__init__(f"{phase} stopped at step {step} on a signal; checkpoint {checkpoint}")
+        self.phase, self.step, self.checkpoint = phase, step, checkpoint
+
+
+class ResumeMismatch(Exception):
+    """The run folder holds checkpoints made with other training settings."""
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; the loop checks it between updates and checkpoints before leaving."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.signal_name = ""
+
+    def set(self, signum: int = signal.SIGTERM, frame: Any = None) -> None:
+        self.signal_name = signal.Signals(signum).name
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self.set)
+        signal.signal(signal.SIGINT, self.set)
+
+
+@dataclass
+class PhaseResult:
+    name: str
+    model: nn.Module
+    steps: int
+    train_seconds: float
+    history: dict[str, list[float]]
+    resumed_from: int | None
+
+
+@dataclass
+class Hooks:
+    """What the loop reports to the outside: logging and a new checkpoint (uploads attach here)."""
+
+    log: Any
+    on_checkpoint: Callable[[Path], None] = lambda path: None
+    on_corrupt: Callable[[Path, Exception], None] = lambda path, error: None
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("VAT_DEVICE='cuda': no CUDA device is visible; use 'auto' or 'cpu', or run on a GPU node")
+    if requested == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def configure_backend(device: torch.device, deterministic: bool) -> None:
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cudnn.deterministic = deterministic
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    elif deterministic:
+        torch.use_deterministic_algorithms(True)
+        # Deterministic mode also fills every new tensor with NaN (to expose reads of uninitialised memory):
+        # a fifth of a CPU update. Our kernels write all they allocate, so skip that.
+        torch.utils.deterministic.fill_uninitialized_memory = False
+
+
+def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager[Any]:
+    if amp == "off":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    # cache_enabled=False: the weight casts must be redone per pass (and cached casts break CUDA graphs).
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=False)
+
+
+@contextlib.contextmanager
+def full_precision(device: torch.device) -> Iterator[None]:
+    """float32 without TF32: the finite differences of the power iteration need every bit."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.autocast(device.type, enabled=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@contextlib.contextmanager
+def running_stats_frozen(model: nn.Module, frozen: bool) -> Iterator[None]:
+    """BatchNorm still normalises with the batch's statistics but does not fold them into its running ones."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if frozen else []
+    for norm in norms:
+        norm.track_running_stats = False
+    try:
+        yield
+    finally:
+        for norm in norms:
+            norm.track_running_stats = True
+
+
+def draw(indices: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """A uniform batch without replacement (all of `indices`, in order, when the batch is that large)."""
+    if batch_size >= len(indices):
+        return indices
+    return indices[torch.rand(len(indices), device=indices.device).topk(batch_size, sorted=False).indices]
+
+
+def lr_at(step: int, total: int, lr: float, decay: str) -> float:
+    return lr * (1.0 - step / total) if decay == "linear" else lr
+
+
+class Trainer:
+    """Holds a phase's model, optimiser and data; `update()` performs one training step and returns its losses."""
+
+    def __init__(self, phase: str, settings: Any, data: MnistSplit, device: torch.device) -> None:
+        self.phase, self.s, self.data, self.device = phase, settings, data, device
+        self.total_steps = settings.baseline_steps if phase == "baseline" else settings.train_steps
+        torch.manual_seed(settings.seed + (0 if phase == "baseline" else 1))
+        # channels_last: oneDNN's and cuDNN's fast convolution and pooling layout (x1.4 per update on CPU).
+        self.model = build_model().to(device, memory_format=torch.channels_last)
+        self.use_graphs = device.type == "cuda" and settings.cuda_graphs and settings.amp != "fp16"
+        lr: float | torch.Tensor = torch.tensor(settings.lr, device=device) if self.use_graphs else settings.lr
+        self.optimizer = torch.optim.Adam(
+            self.model.parameters(), lr=lr, **({"fused": True, "capturable": True} if self.use_graphs else {})
+        )
+        self.scaler = torch.amp.GradScaler(device.type, enabled=settings.amp == "fp16")
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_losses: torch.Tensor | None = None
+
+    # --- the two updates -------------------------------------------------------------------------
+
+    def _labeled_loss(self) -> torch.Tensor:
+        idx = draw(self.data.labeled, self.s.labeled_batch_size)
+        with autocast(self.device, self.s.amp):
+            logits = self.model(as_float_batch(self.data.train_images[idx], channels_last=True))
+        return F.cross_entropy(logits.float(), self.data.train_labels[idx])
+
+    def baseline_losses(self) -> torch.Tensor:
+        ce = self._labeled_loss()
+        zero = torch.zeros((), device=self.device)
+        self._backward_and_step(ce)
+        return torch.stack([ce.detach(), zero, zero])
+
+    def vat_losses(self) -> torch.Tensor:
+        s, model = self.s, self.model
+        ce = self._labeled_loss()
+        xu = as_float_batch(self.data.train_images[draw(self.data.unlabeled, s.unlabeled_batch_size)], channels_last=True)
+        mask = model.dropout_mask(len(xu), xu) if s.dropout_masks == "shared" else None
+
+        def forward(z: torch.Tensor) -> torch.Tensor:
+            with autocast(self.device, s.amp):
+                return model(z, mask)
+
+        def power_forward(z: torch.Tensor) -> torch.Tensor:
+            with full_precision(self.device):
+                return model(z, mask)
+
+        with full_precision(self.device), torch.set_grad_enabled(s.entmin_weight > 0):
+            clean_logits = model(xu, mask)
+        entropy = entropy_with_logits(clean_logits) if s.entmin_weight > 0 else torch.zeros((), device=self.device)
+        with running_stats_frozen(model, s.perturbed_bn == "frozen"):
+            lds = lds_loss(
+                forward, xu, clean_logits, epsilon=s.epsilon, xi=s.xi, power_iterations=s.power_iterations,
+                power_forward=power_forward,
+            )
+        self._backward_and_step(ce + s.vat_weight * lds + s.entmin_weight * entropy)
+        return torch.stack([ce.detach(), lds.detach(), entropy.detach()])
+
+    def _backward_and_step(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    # --- one step, eager or replayed from a CUDA graph ---------------------------------------------
+
+    def update(self, step: int) -> torch.Tensor:
+        lr = lr_at(step, self.total_steps, self.s.lr, self.s.lr_decay)
+        for group in self.optimizer.param_groups:
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+        compute = self.baseline_losses if self.phase == "baseline" else self.vat_losses
+        if not self.use_graphs:
+            self.optimizer.zero_grad(set_to_none=True)
+            return compute()
+        if self.graph is not None:
+            self.graph.replay()
+            assert self.static_losses is not None
+            return self.static_losses.clone()
+        return self._warm_up_or_capture(step, compute)
+
+    def _warm_up_or_capture(self, step: int, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        # The whole update (batch draw, forward, backward, Adam) becomes one CUDA graph after a few eager
+        # steps on a side stream (PyTorch's "whole-network capture"); the eager steps are real updates.
+        warmup_steps = 3
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self.optimizer.zero_grad(set_to_none=True)
+            losses = compute()
+        torch.cuda.current_stream().wait_stream(stream)
+        if step + 1 - self._first_step >= warmup_steps:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.static_losses = compute()
+        return losses
+
+    _first_step = 0
+
+    # --- checkpoints ---------------------------------------------------------------------------
+
+    def state(self, step: int, history: torch.Tensor, seconds: float) -> dict[str, Any]:
+        return {
+            "phase": self.phase,
+            "step": step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
+            "history": history[:step].cpu(),
+            "train_seconds": seconds,
+            "settings": {k: getattr(self.s, k) for k in TRAINING_FIELDS[self.phase]},
+        }
+
+    def restore(self, state: dict[str, Any]) -> tuple[int, torch.Tensor, float]:
+        mismatched = {k: (v, getattr(self.s, k)) for k, v in state["settings"].items() if getattr(self.s, k) != v}
+        if mismatched:
+            what = ", ".join(f"VAT_{k.upper()} was {old!r}, now {new!r}" for k, (old, new) in mismatched.items())
+            raise ResumeMismatch(f"{self.phase} checkpoints of this run were made with other settings ({what}); "
+                                 "use a new VAT_RUN_ID or the old settings")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng_cpu"])
+        if self.device.type == "cuda" and state["rng_cuda"] is not None:
+            torch.cuda.set_rng_state(state["rng_cuda"])
+        self._first_step = state["step"]
+        return state["step"], state["history"], float(state["train_seconds"])
+
+
+def train_phase(
+    phase: str, settings: Any, data: MnistSplit, device: torch.device, folder: Path, stop: StopFlag, hooks: Hooks
+) -> PhaseResult:
+    """Train one model to its step budget, resuming from the newest intact checkpoint in `folder`."""
+    trainer = Trainer(phase, settings, data, device)
+    total, log = trainer.total_steps, hooks.log
+    history = torch.zeros(total, len(LOSS_NAMES), device=device)
+    start, seconds, resumed_from = 0, 0.0, None
+
+    saved = latest_intact_checkpoint(folder, hooks.on_corrupt)
+    if saved is not None:
+        start, old_history, seconds = trainer.restore(saved)
+        history[:start] = old_history.to(device)
+        resumed_from = start
+        log.info("resumed", phase=phase, step=start, of=total)
+
+    def checkpoint(step: int) -> Path:
+        path = folder / checkpoint_name(step)
+        save_checkpoint(path, trainer.state(step, history, seconds + time.perf_counter() - began))
+        hooks.on_checkpoint(path)
+        return path
+
+    trainer.model.train()
+    began = last_log = time.perf_counter()
+    last_logged_step = start
+    if start < total:
+        log.info("training_started", phase=phase, steps=total, device=str(device), cuda_graphs=trainer.use_graphs)
+    for step in range(start, total):
+        history[step] = trainer.update(step)
+        done = step + 1
+        now = time.perf_counter()
+        if done % settings.checkpoint_every == 0 and done < total:
+            checkpoint(done)
+        if stop.is_set() and done < total:
+            path = checkpoint(done)
+            raise Interrupted(phase, done, path)
+        if now - last_log >= settings.log_every_s:
+            rate = (done - last_logged_step) / (now - last_log)
+            losses = dict(zip(LOSS_NAMES, history[step].tolist()))
+            log.info("progress", phase=phase, step=done, of=total, steps_per_s=round(rate, 2),
+                     eta_s=round((total - done) / rate, 1), lr=lr_at(step, total, settings.lr, settings.lr_decay),
+                     **{k: round(v, 5) for k, v in losses.items()})
+            last_log, last_logged_step = now, done
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds += time.perf_counter() - began
+    if start < total:
+        checkpoint(total)
+    if start < total or not (folder / "model.pt").exists():
+        save_final_model(trainer.model, folder / "model.pt", hooks)
+    trainer.model.eval()
+    hist = history.cpu()
+    return PhaseResult(
+        name=phase,
+        model=trainer.model,
+        steps=total,
+        train_seconds=round(seconds, 3),
+        history={name: hist[:, i].tolist() for i, name in enumerate(LOSS_NAMES)},
+        resumed_from=resumed_from,
+    )
+
+
+def save_final_model(model: nn.Module, path: Path, hooks: Hooks) -> None:
+    save_checkpoint(path, {"model": model.state_dict(), "step": -1})
+    hooks.on_checkpoint(path)
+
+
+__all__ = [
+    "CheckpointError", "Hooks", "Interrupted", "PhaseResult", "ResumeMismatch", "StopFlag", "Trainer",
+    "configure_backend", "load_checkpoint", "resolve_device", "train_phase",
+]

@@ -1,0 +1,41 @@
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MNIST = Path(os.environ.get("TEST_MNIST_DIR", REPO.parent / "shared" / "mnist"))
+
+
+@pytest.fixture(autouse=True)
+def _clean_vat_environment(monkeypatch):
+    """Tests start from the defaults: no VAT_* variable of the developer's shell leaks in."""
+    for name in list(os.environ):
+        if name.upper().startswith("VAT_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    if not (SHARED_MNIST / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
+        pytest.skip(f"real MNIST not found under {SHARED_MNIST}")
+    return SHARED_MNIST
+
+
+@pytest.fixture(scope="session")
+def mnist_split(mnist_dir):
+    from job.data import load_mnist, raw_dir
+
+    return load_mnist(raw_dir(mnist_dir), 42, 1, 100)
+
+
+def job_env(tmp_path: Path, mnist_dir: Path, **settings) -> dict:
+    """Environment for a short job run in a subprocess (a few steps, no plots unless asked)."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("VAT_")}
+    env.update(
+        VAT_DATA_DIR=str(mnist_dir), VAT_OUTPUT_DIR=str(tmp_path / "runs"), VAT_DEVICE="cpu",
+        VAT_BASELINE_STEPS="6", VAT_TRAIN_STEPS="4", VAT_UNLABELED_BATCH_SIZE="64", VAT_CHECKPOINT_EVERY="2",
+        VAT_EVAL_BATCH_SIZE="5000", VAT_PLOTS="false", PYTHONWARNINGS="default",
+    )
+    env.update({f"VAT_{k.upper()}": str(v) for k, v in settings.items()})
+    return env

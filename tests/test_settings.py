@@ -1,0 +1,135 @@
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from job.settings import ARTICLE_PRESET, ConfigError, Settings, load_settings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def env_example_names() -> set[str]:
+    names = set()
+    for line in (REPO / ".env.example").read_text().splitlines():
+        match = re.match(r"^#?\s*(VAT_[A-Z0-9_]+)=", line)
+        if match:
+            names.add(match.group(1))
+    return names
+
+
+def test_env_example_lists_every_setting_and_nothing_else():
+    fields = {f"VAT_{name.upper()}" for name in Settings.model_fields}
+    documented = env_example_names()
+    assert fields - documented == set(), "settings missing from .env.example"
+    assert documented - fields == set(), ".env.example names settings that do not exist"
+
+
+def test_env_example_defaults_are_the_real_defaults(monkeypatch):
+    defaults = Settings(_env_file=None)
+    for line in (REPO / ".env.example").read_text().splitlines():
+        match = re.match(r"^(VAT_[A-Z0-9_]+)=(.*)$", line)
+        if match and match.group(2):
+            name = match.group(1)[4:].lower()
+            monkeypatch.setenv(match.group(1), match.group(2))
+            parsed = getattr(load_settings(env_file=None), name)
+            monkeypatch.delenv(match.group(1))
+            assert parsed == getattr(defaults, name), name
+
+
+def test_public_interface_names_and_defaults():
+    s = load_settings(env_file=None)
+    assert (s.test_split_seed, s.label_split_seed, s.num_labeled) == (42, 1, 100)
+    assert s.device == "auto" and s.amp == "off" and s.log_format == "json"
+    assert s.labeled_batch_size == 100 and s.unlabeled_batch_size == 512
+
+
+def test_run_id_is_generated_unique():
+    assert load_settings(env_file=None).run_id != load_settings(env_file=None).run_id
+
+
+@pytest.mark.parametrize(
+    "name,value,fragment",
+    [
+        ("VAT_EPSILON", "-1", "greater than 0"),
+        ("VAT_DEVICE", "tpu", "'auto', 'cpu' or 'cuda'"),
+        ("VAT_TRAIN_STEPS", "12.5", "integer"),
+        ("VAT_AMP", "fp8", "'off', 'bf16' or 'fp16'"),
+        ("VAT_RUN_ID", "../etc", "letters, digits"),
+        ("VAT_EPSILLON", "2", "unknown setting"),
+    ],
+)
+def test_invalid_values_name_variable_value_and_what_is_allowed(monkeypatch, name, value, fragment):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as info:
+        load_settings(env_file=None)
+    message = str(info.value)
+    assert name in message and repr(value) in message and fragment in message
+    assert "\n" not in message
+
+
+def test_dotenv_file_is_honoured_and_typos_in_it_are_refused(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("VAT_EPSILON=3.5\n")
+    assert load_settings(env_file=env_file).epsilon == 3.5
+    env_file.write_text("VAT_EPSILN=3.5\n")
+    with pytest.raises(ConfigError, match="VAT_EPSILN"):
+        load_settings(env_file=env_file)
+
+
+def test_article_preset_sets_article_hyperparameters_but_explicit_values_win(monkeypatch):
+    monkeypatch.setenv("VAT_PRESET", "article")
+    s = load_settings(env_file=None)
+    for name, value in ARTICLE_PRESET.items():
+        assert getattr(s, name) == value, name
+    monkeypatch.setenv("VAT_EPSILON", "1.5")
+    assert load_settings(env_file=None).epsilon == 1.5
+
+
+def test_sweep_index_maps_to_label_seed(monkeypatch):
+    monkeypatch.setenv("VAT_LABEL_SPLIT_SEED_FROM_INDEX", "true")
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "2")
+    assert load_settings(env_file=None).label_split_seed == 3
+    monkeypatch.delenv("JOB_COMPLETION_INDEX")
+    with pytest.raises(ConfigError, match="JOB_COMPLETION_INDEX"):
+        load_settings(env_file=None)
+
+
+def run_job(env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "job"], env=env, capture_output=True, text=True, timeout=120,
+                          cwd=REPO)
+
+
+def clean_env(**extra) -> dict:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("VAT_")}
+    env.update(extra)
+    return env
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"VAT_EPSILON": "-1"}, {"VAT_DEVICE": "tpu"}, {"VAT_TRAIN_STEPS": "ten"}, {"VAT_EPSILLON": "2"}],
+)
+def test_bad_setting_exits_2_with_one_json_line_before_any_work(tmp_path, extra):
+    result = run_job(clean_env(VAT_OUTPUT_DIR=str(tmp_path / "out"), **extra))
+    assert result.returncode == 2
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1
+    record = json.loads(lines[0])
+    assert record["event"] == "config_error" and record["level"] == "error"
+    assert next(iter(extra)) in record["message"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_cuda_requested_without_gpu_exits_2(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = run_job(clean_env(VAT_OUTPUT_DIR=str(tmp_path / "out"), VAT_DEVICE="cuda", VAT_DATA_DIR=str(tmp_path)))
+    assert result.returncode == 2
+    assert "VAT_DEVICE='cuda'" in result.stdout
