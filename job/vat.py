@@ -32,7 +32,7 @@ def entropy_with_logits(logits: torch.Tensor) -> torch.Tensor:
 def l2_normalize(d: torch.Tensor) -> torch.Tensor:
     """Scale every example of `d` to unit L2 norm (dividing by the max first keeps tiny gradients finite)."""
     flat = d.flatten(1)
-    flat = flat / (flat.abs().amax(dim=1, keepdim=True) + 1e-12)
+    flat = flat / flat.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(flat.dtype).tiny)
     flat = flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
     return flat.reshape(d.shape)
 

@@ -1,0 +1,202 @@
+import gzip
+import hashlib
+import http.server
+import socket
+import struct
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from job.data import DataError, ensure_mnist, load_mnist, raw_dir, seeded_split
+
+ARTICLE_CLASS_COUNTS = [11, 10, 10, 10, 9, 8, 10, 11, 10, 11]
+
+
+# --- the seeded split ------------------------------------------------------------------------------
+
+
+def test_default_split_has_the_articles_class_counts_and_sizes(mnist_split):
+    assert mnist_split.labeled_class_counts() == ARTICLE_CLASS_COUNTS
+    assert (len(mnist_split.labeled), len(mnist_split.unlabeled), len(mnist_split.seeded_test)) == (100, 49_900, 10_000)
+    every = torch.cat([mnist_split.labeled, mnist_split.unlabeled, mnist_split.seeded_test])
+    assert torch.equal(every.sort().values, torch.arange(60_000)), "the three parts partition the training set"
+
+
+def test_split_is_the_articles_own_procedure_on_the_dataset_object(mnist_dir, mnist_split):
+    """Run the article's code path (train_test_split over torchvision's MNIST dataset) and compare images."""
+    from sklearn.model_selection import train_test_split
+    from torchvision import datasets, transforms
+
+    dataset = datasets.MNIST(str(mnist_dir), train=True, download=False, transform=transforms.ToTensor())
+    label_unlabel_set, test_set = train_test_split(dataset, random_state=42, test_size=10000)
+    label_set, unlabel_set = train_test_split(label_unlabel_set, random_state=1, test_size=49900)
+
+    article_images = torch.stack([image for image, _ in label_set])
+    article_labels = torch.tensor([label for _, label in label_set])
+    ours = mnist_split.train_images[mnist_split.labeled].unsqueeze(1).float() / 255
+    assert torch.equal(article_images, ours)
+    assert torch.equal(article_labels, mnist_split.train_labels[mnist_split.labeled])
+    # The seeded test set and the unlabelled pool are the article's too (spot-check both ends).
+    for ours_idx, theirs in ((mnist_split.seeded_test, test_set), (mnist_split.unlabeled, unlabel_set)):
+        for position in (0, 1, len(theirs) - 1):
+            assert torch.equal(theirs[position][0], mnist_split.train_images[ours_idx[position]].unsqueeze(0).float() / 255)
+
+
+def test_other_seeds_give_other_labelled_sets_and_smaller_pools_are_nested():
+    a, _, test_a = seeded_split(60_000, 42, 1, 100)
+    b, _, test_b = seeded_split(60_000, 42, 2, 100)
+    assert set(a.tolist()) != set(b.tolist())
+    assert np.array_equal(test_a, test_b), "the label seed does not move the seeded test set"
+    _, small, _ = seeded_split(60_000, 42, 1, 100, num_unlabeled=500)
+    _, large, _ = seeded_split(60_000, 42, 1, 100, num_unlabeled=5_000)
+    assert len(small) == 500 and set(small.tolist()) <= set(large.tolist())
+    assert not set(small.tolist()) & set(a.tolist()), "no labelled image is in the unlabelled set"
+
+
+# --- download against a loopback server ------------------------------------------------------------
+
+
+def idx_images(n: int, seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+    return struct.pack(">IIII", 2051, n, 28, 28) + pixels.tobytes()
+
+
+def idx_labels(n: int, seed: int) -> bytes:
+    return struct.pack(">II", 2049, n) + np.random.default_rng(seed).integers(0, 10, n, dtype=np.uint8).tobytes()
+
+
+TINY = {
+    "train-images-idx3-ubyte": idx_images(20, 1),
+    "train-labels-idx1-ubyte": idx_labels(20, 2),
+    "t10k-images-idx3-ubyte": idx_images(5, 3),
+    "t10k-labels-idx1-ubyte": idx_labels(5, 4),
+}
+TINY_SHA = {name: hashlib.sha256(content).hexdigest() for name, content in TINY.items()}
+
+
+class Mirror:
+    """A static HTTP server on 127.0.0.1 serving <name>.gz files from a folder, counting requests."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.requests = folder, []
+        mirror = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, directory=str(folder), **kwargs)
+
+            def do_GET(self):  # noqa: N802
+                mirror.requests.append(self.path)
+                super().do_GET()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def publish(folder: Path, files: dict[str, bytes]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        (folder / f"{name}.gz").write_bytes(gzip.compress(content, compresslevel=1))
+    return folder
+
+
+@pytest.fixture
+def mirrors(tmp_path):
+    started = []
+
+    def start(files):
+        mirror = Mirror(publish(tmp_path / f"mirror{len(started)}", files))
+        started.append(mirror)
+        return mirror
+
+    yield start
+    for mirror in started:
+        mirror.close()
+
+
+def dead_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/"  # nothing listens there any more
+
+
+def fetch(data_dir, urls, **kw):
+    events = []
+    kw.setdefault("retries", 2)
+    folder = ensure_mnist(data_dir, urls, expected=TINY_SHA, backoff_s=0.01, timeout_s=5,
+                          on_event=lambda event, **f: events.append(event), **kw)
+    return folder, events
+
+
+def test_missing_files_are_downloaded_verified_and_readable(tmp_path, mirrors):
+    good = mirrors(TINY)
+    folder, _ = fetch(tmp_path / "data", [good.url])
+    assert folder == raw_dir(tmp_path / "data")
+    for name, content in TINY.items():
+        assert (folder / name).read_bytes() == content
+    assert list(folder.iterdir()) and not [p for p in folder.iterdir() if p.name.startswith(".")], "no temp files left"
+
+
+def test_dead_mirror_and_corrupt_copy_fall_back_to_a_good_mirror(tmp_path, mirrors):
+    corrupt = dict(TINY)
+    corrupt["train-images-idx3-ubyte"] = TINY["train-images-idx3-ubyte"][:-7] + b"garbage"
+    bad, good = mirrors(corrupt), mirrors(TINY)
+    folder, events = fetch(tmp_path / "data", [dead_url(), bad.url, good.url])
+    assert (folder / "train-images-idx3-ubyte").read_bytes() == TINY["train-images-idx3-ubyte"]
+    assert "mnist_download_failed" in events
+    assert len([r for r in bad.requests if "train-images" in r]) == 2, "the corrupt copy was retried, then skipped"
+
+
+def test_truncated_local_file_is_detected_and_fetched_again(tmp_path, mirrors):
+    good = mirrors(TINY)
+    folder, _ = fetch(tmp_path / "data", [good.url])
+    (folder / "t10k-images-idx3-ubyte").write_bytes(TINY["t10k-images-idx3-ubyte"][:100])
+    good.requests.clear()
+    _, events = fetch(tmp_path / "data", [good.url])
+    assert events[0] == "mnist_file_corrupt"
+    assert good.requests == ["/t10k-images-idx3-ubyte.gz"], "only the broken file is downloaded again"
+    assert (folder / "t10k-images-idx3-ubyte").read_bytes() == TINY["t10k-images-idx3-ubyte"]
+
+
+def test_no_working_mirror_fails_with_a_clear_message_and_leaves_nothing(tmp_path):
+    with pytest.raises(DataError, match="could not download train-images-idx3-ubyte from any mirror"):
+        fetch(tmp_path / "data", [dead_url(), dead_url()])
+    folder = raw_dir(tmp_path / "data")
+    assert not folder.exists() or not any(folder.iterdir())
+
+
+def test_job_downloads_real_mnist_from_a_loopback_mirror(tmp_path, mirrors, mnist_dir):
+    import subprocess
+    import sys
+
+    from tests.conftest import job_env
+
+    real = {p.name: p.read_bytes() for p in raw_dir(mnist_dir).iterdir() if p.name.endswith("ubyte")}
+    good = mirrors(real)
+    env = job_env(tmp_path, tmp_path / "data", BASELINE_STEPS=0, TRAIN_STEPS=0,
+                  MNIST_MIRRORS=f'["{dead_url()}", "{good.url}"]', DOWNLOAD_RETRIES=1)
+    result = subprocess.run([sys.executable, "-m", "job"], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    for name, content in real.items():
+        assert (raw_dir(tmp_path / "data") / name).read_bytes() == content
+
+
+def test_unreadable_idx_is_a_data_error(tmp_path):
+    folder = raw_dir(tmp_path)
+    folder.mkdir(parents=True)
+    for name, content in TINY.items():
+        (folder / name).write_bytes(content)
+    with pytest.raises(DataError, match="training images, expected 60000"):
+        load_mnist(folder, 42, 1, 100)

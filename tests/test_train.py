@@ -1,0 +1,145 @@
+import os
+import pickle
+
+import pytest
+import torch
+
+from job.checkpoint import CheckpointError, latest_intact_checkpoint, load_checkpoint, save_checkpoint
+from job.logs import get_logger
+from job.settings import load_settings
+from job.train import Hooks, Interrupted, StopFlag, Trainer, train_phase
+
+CPU = torch.device("cpu")
+
+
+def small_settings(**overrides):
+    values = dict(baseline_steps=4, train_steps=6, unlabeled_batch_size=32, checkpoint_every=2, log_every_s=1000)
+    values.update(overrides)
+    return load_settings(env_file=None, **values)
+
+
+class StopAfter(StopFlag):
+    """Behaves as if SIGTERM arrived during update number `n`."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.calls, self.n = 0, n
+
+    def is_set(self):
+        self.calls += 1
+        return self.calls >= self.n
+
+
+def run_phase(phase, settings, split, folder, stop=None):
+    return train_phase(phase, settings, split, CPU, folder, stop or StopFlag(), Hooks(log=get_logger()))
+
+
+def weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_same_seed_same_result_and_another_seed_differs(mnist_split, tmp_path):
+    s = small_settings()
+    first = run_phase("vat", s, mnist_split, tmp_path / "a")
+    second = run_phase("vat", s, mnist_split, tmp_path / "b")
+    assert_same_weights(weights(first.model), weights(second.model))
+    assert first.history == second.history
+    other = run_phase("vat", small_settings(seed=7), mnist_split, tmp_path / "c")
+    assert not torch.equal(other.model.fc2.weight, first.model.fc2.weight)
+
+
+@pytest.mark.parametrize("phase", ["baseline", "vat"])
+def test_interrupted_and_resumed_equals_uninterrupted(mnist_split, tmp_path, phase):
+    s = small_settings(checkpoint_every=100)
+    straight = run_phase(phase, s, mnist_split, tmp_path / "straight")
+    with pytest.raises(Interrupted) as info:
+        run_phase(phase, s, mnist_split, tmp_path / "resumed", stop=StopAfter(3))
+    assert info.value.step == 3 and info.value.checkpoint.exists()
+    resumed = run_phase(phase, s, mnist_split, tmp_path / "resumed")
+    assert resumed.resumed_from == 3
+    assert_same_weights(weights(straight.model), weights(resumed.model))
+    assert straight.history == resumed.history
+
+
+def test_finished_phase_is_not_trained_again(mnist_split, tmp_path):
+    s = small_settings()
+    done = run_phase("baseline", s, mnist_split, tmp_path)
+    again = run_phase("baseline", s, mnist_split, tmp_path)
+    assert again.resumed_from == s.baseline_steps
+    assert_same_weights(weights(done.model), weights(again.model))
+
+
+def test_resume_with_other_training_settings_is_refused(mnist_split, tmp_path):
+    from job.train import ResumeMismatch
+
+    run_phase("baseline", small_settings(), mnist_split, tmp_path)
+    with pytest.raises(ResumeMismatch, match="VAT_LR was 0.001, now 0.01"):
+        run_phase("baseline", small_settings(lr=0.01), mnist_split, tmp_path)
+
+
+@pytest.mark.parametrize("mode,per_update", [("frozen", 2), ("update", 4)])
+def test_perturbed_passes_leave_batchnorm_running_statistics_alone_when_frozen(mnist_split, mode, per_update):
+    """Per VAT update: the labelled and the clean unlabelled pass always count; the 2 perturbed ones only in 'update'."""
+    trainer = Trainer("vat", small_settings(perturbed_bn=mode), mnist_split, CPU)
+    trainer.model.train()
+    trainer.update(0)
+    assert int(trainer.model.bn1.num_batches_tracked) == per_update
+
+
+def test_amp_bf16_update_runs_and_keeps_the_power_iteration_in_float32(mnist_split, monkeypatch):
+    import job.train as train_module
+
+    seen = []
+    real = train_module.lds_loss
+
+    def spy(forward, x, clean_logits, **kw):
+        seen.append((clean_logits.dtype, kw["power_forward"](x).dtype, forward(x).dtype))
+        return real(forward, x, clean_logits, **kw)
+
+    monkeypatch.setattr(train_module, "lds_loss", spy)
+    trainer = Trainer("vat", small_settings(amp="bf16"), mnist_split, CPU)
+    trainer.model.train()
+    losses = trainer.update(0)
+    assert torch.isfinite(losses).all() and losses[1] > 0
+    assert seen == [(torch.float32, torch.float32, torch.bfloat16)]
+
+
+def test_checkpoint_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "checkpoint-0000002.pt"
+    with path.open("wb") as handle:
+        torch.save({"model": Exploit(), "step": 2}, handle, pickle_module=pickle)
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_truncated_newest_checkpoint_falls_back_to_an_older_intact_one(tmp_path):
+    save_checkpoint(tmp_path / "checkpoint-0000002.pt", {"model": {"w": torch.ones(3)}, "step": 2})
+    save_checkpoint(tmp_path / "checkpoint-0000004.pt", {"model": {"w": torch.ones(3)}, "step": 4})
+    newest = tmp_path / "checkpoint-0000004.pt"
+    newest.write_bytes(newest.read_bytes()[:200])
+    corrupt = []
+    state = latest_intact_checkpoint(tmp_path, lambda path, error: corrupt.append(path))
+    assert state["step"] == 2 and corrupt == [newest]
+
+
+def test_atomic_save_leaves_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "checkpoint-0000002.pt"
+    save_checkpoint(path, {"model": {}, "step": 2})
+    before = path.read_bytes()
+    with pytest.raises(Exception):
+        save_checkpoint(path, {"model": lambda: None, "step": 3})  # not picklable
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [path.name], "no temporary file left behind"

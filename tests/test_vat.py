@@ -1,0 +1,112 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from job.model import ArticleCNN
+from job.vat import adversarial_direction, kl_with_logits, l2_normalize, lds_loss
+
+
+def test_l2_normalize_gives_unit_norm_per_example_even_for_tiny_values():
+    d = torch.randn(5, 1, 28, 28)
+    d[1] *= 1e-30  # a gradient this small must still give a direction
+    d[2] *= 1e20
+    norms = l2_normalize(d).flatten(1).norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones(5))
+    assert torch.isfinite(l2_normalize(torch.zeros(2, 1, 28, 28))).all()
+
+
+def test_kl_is_zero_for_equal_predictions_and_positive_otherwise():
+    logits = torch.randn(8, 10)
+    assert kl_with_logits(logits, logits).abs() < 1e-6
+    assert kl_with_logits(logits, logits + torch.randn(8, 10)) > 0
+
+
+def linear_softmax(weight: torch.Tensor):
+    return lambda x: x.flatten(1) @ weight.T
+
+
+def test_power_iteration_finds_the_dominant_eigenvector_of_the_kl_hessian():
+    """For logits Wx the KL's Hessian in r at r=0 is W^T (diag(p) - pp^T) W: VAT's direction is its top eigenvector."""
+    torch.manual_seed(0)
+    w = torch.randn(10, 16, dtype=torch.float64)
+    x = torch.randn(1, 16, dtype=torch.float64)
+    forward = linear_softmax(w)
+    p = torch.softmax(forward(x), dim=1)[0]
+    hessian = (w.T @ (torch.diag(p) - torch.outer(p, p)) @ w).numpy()
+    top = np.linalg.eigh(hessian)[1][:, -1]
+    direction = adversarial_direction(forward, x, forward(x).detach(), xi=1e-3, power_iterations=50)
+    cosine = abs(float(direction.flatten() @ torch.from_numpy(top)))
+    assert cosine > 0.999
+
+
+def test_one_power_iteration_is_adversarial_compared_with_random_directions():
+    torch.manual_seed(0)
+    net = ArticleCNN().double().train()  # batch statistics, as in training; no dropout noise:
+    model = lambda z: net(z, torch.ones(len(z), 100, dtype=z.dtype))  # noqa: E731
+    x = torch.rand(16, 1, 28, 28, dtype=torch.float64)
+    clean = model(x).detach()
+    epsilon = 2.5
+    adversarial = model(x + epsilon * adversarial_direction(model, x, clean, xi=1e-6, power_iterations=1))
+    adversarial_kl = torch.stack([kl_with_logits(clean[i : i + 1], adversarial[i : i + 1]) for i in range(16)])
+    random_kl = []
+    for _ in range(20):
+        r = epsilon * l2_normalize(torch.randn_like(x))
+        out = model(x + r)
+        random_kl.append(torch.stack([kl_with_logits(clean[i : i + 1], out[i : i + 1]) for i in range(16)]))
+    random_kl = torch.stack(random_kl)
+    # Per example, the adversarial direction beats the typical random direction of the same norm, and
+    # for most examples every one of 20 random directions.
+    assert (adversarial_kl > random_kl.median(dim=0).values).all()
+    assert (adversarial_kl > random_kl.max(dim=0).values).float().mean() >= 0.75
+    assert adversarial_kl.mean() > 3 * random_kl.mean()
+
+
+def test_power_iteration_touches_no_weight_gradient_and_the_clean_target_is_constant():
+    torch.manual_seed(0)
+    model = ArticleCNN()
+    x = torch.rand(8, 1, 28, 28)
+    clean = model(x)  # with a graph, as a caller might pass it
+    adversarial_direction(model, x, clean.detach(), xi=1e-6, power_iterations=2)
+    assert all(p.grad is None for p in model.parameters()), "the power iteration differentiates r only"
+    loss = lds_loss(model, x, clean, epsilon=2.5, xi=1e-6, power_iterations=1)
+    grads = torch.autograd.grad(loss, [clean, model.fc2.weight], allow_unused=True)
+    assert grads[0] is None, "no gradient flows into the clean prediction"
+    assert grads[1] is not None and grads[1].abs().sum() > 0
+
+
+def test_shared_dropout_mask_makes_the_probe_measure_the_perturbation_only():
+    torch.manual_seed(0)
+    model = ArticleCNN().train()
+    x = torch.rand(32, 1, 28, 28)
+    mask = model.dropout_mask(32, x)
+    with torch.no_grad():
+        clean = model(x, mask)
+        probe = x + 1e-6 * l2_normalize(torch.randn_like(x))
+        shared = kl_with_logits(clean, model(probe, mask))
+        independent = kl_with_logits(clean, model(probe))
+    assert shared < 1e-6 < 1e-4 < independent
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+def test_a_tiny_probe_vanishes_in_half_precision_but_not_in_float32(dtype):
+    """Why the power iteration runs in float32 under AMP: x + xi*d rounds back to x in bf16."""
+    x = torch.rand(4, 1, 28, 28)
+    probe = x + 1e-6 * l2_normalize(torch.randn_like(x))
+    assert torch.equal(probe.to(dtype), x.to(dtype))
+    assert not torch.equal(probe, x)
+
+
+def test_model_matches_the_articles_layer_order_exactly():
+    """Pool-before-ReLU and mask-before-ReLU compute the article's conv-BN-ReLU-pool / FC-dropout-ReLU."""
+    torch.manual_seed(0)
+    ours = ArticleCNN().train()
+    x = torch.rand(16, 1, 28, 28)
+    mask = ours.dropout_mask(16, x)
+    article = nn.Sequential(ours.conv1, ours.bn1, nn.ReLU(), nn.MaxPool2d(2), ours.conv2, ours.bn2, nn.ReLU(),
+                            nn.MaxPool2d(2), nn.Flatten())
+    expected = ours.fc2(torch.relu(ours.fc1(article(x)) * mask))
+    torch.testing.assert_close(ours(x, mask), expected)
+    weights = [m.weight for m in ours.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert all(abs(float(w.detach().std()) - 0.02) < 0.005 for w in weights)
+    assert all(float(m.bias.abs().sum()) == 0 for m in ArticleCNN().modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
