@@ -256,10 +256,17 @@ class Trainer:
         torch.cuda.current_stream().wait_stream(stream)
         if step + 1 - self._first_step >= warmup_steps:
             self.optimizer.zero_grad(set_to_none=True)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.static_losses = compute()
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):
+                    self.static_losses = compute()
+                self.graph = graph
+            except RuntimeError as error:  # a capture problem costs speed, never the run
+                self.use_graphs, self.capture_error = False, str(error).splitlines()[0]
+                torch.cuda.synchronize()
         return losses
+
+    capture_error = ""
 
     _first_step = 0
 
@@ -340,6 +347,8 @@ def train_phase(
             last_log, last_logged_step = now, done
     if device.type == "cuda":
         torch.cuda.synchronize()
+    if trainer.capture_error:
+        log.warning("cuda_graph_capture_failed", phase=phase, error=trainer.capture_error, fallback="eager updates")
     seconds += time.perf_counter() - began
     if start < total:
         checkpoint(total)

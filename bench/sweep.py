@@ -1,0 +1,82 @@
+"""Accuracy experiments: train VAT (or the baseline) under several settings and write one JSON line each.
+
+usage: python bench/sweep.py --plan PLAN.json --out RESULTS.jsonl [--data-dir DIR] [--deadline-s S]
+                             [--worker I --workers N]
+
+PLAN.json is a list of {"name": ..., "phase": "vat"|"baseline", "settings": {field: value}}. Each entry is
+trained from scratch in this process (no checkpoints) and evaluated on the seeded test set (for
+selection) and the official MNIST test set (reported, never used to choose). With --workers N, this
+process takes every N-th entry starting at I, so several processes can share one GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--plan", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "mnist"))
+    parser.add_argument("--deadline-s", type=float, default=1e9, help="start no new entry after this many seconds")
+    parser.add_argument("--worker", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args()
+    began = time.perf_counter()
+
+    import torch
+
+    from job.data import load_mnist, raw_dir
+    from job.evaluate import evaluate
+    from job.logs import configure_logging, get_logger
+    from job.settings import load_settings
+    from job.train import Hooks, StopFlag, configure_backend, resolve_device, train_phase
+
+    configure_logging("json", "warning")
+    plan = json.loads(Path(args.plan).read_text())[args.worker :: args.workers]
+    cache: dict[tuple, object] = {}
+    for entry in plan:
+        if time.perf_counter() - began > args.deadline_s:
+            print(json.dumps({"name": entry["name"], "skipped": "deadline"}), flush=True)
+            continue
+        s = load_settings(env_file=None, checkpoint_every=10**9, log_every_s=1e9, **entry["settings"])
+        device = resolve_device(s.device)
+        configure_backend(device, s.deterministic)
+        key = (s.test_split_seed, s.label_split_seed, s.num_labeled, s.num_unlabeled)
+        if key not in cache:
+            cache[key] = load_mnist(raw_dir(Path(args.data_dir)), *key).to(device)
+        split = cache[key]
+        try:
+            with tempfile.TemporaryDirectory() as folder:
+                t = time.perf_counter()
+                result = train_phase(entry["phase"], s, split, device, Path(folder), StopFlag(), Hooks(log=get_logger()))
+                seconds = time.perf_counter() - t
+            metrics = evaluate(result.model, split, s.eval_batch_size)
+            line = {
+                "name": entry["name"], "phase": entry["phase"], "settings": entry["settings"],
+                "seconds": round(seconds, 2), "ms_per_update": round(1000 * seconds / max(result.steps, 1), 3),
+                **{f"{t}_{m}": round(metrics[t][m], 4) for t in ("seeded_test", "mnist_test")
+                   for m in ("accuracy", "macro_f1")},
+                "final_losses": {k: round(v[-1], 5) for k, v in result.history.items() if v},
+                "device": str(device),
+            }
+        except Exception as error:  # one broken entry must not stop the sweep
+            line = {"name": entry["name"], "error": f"{type(error).__name__}: {error}"}
+        with open(args.out, "a") as out:
+            out.write(json.dumps(line) + "\n")
+        print(json.dumps(line), flush=True)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
