@@ -24,8 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 def run_job(data_dir: Path, settings: dict[str, str]) -> tuple[dict, float]:
     with tempfile.TemporaryDirectory() as out:
         env = {k: v for k, v in os.environ.items() if not k.startswith("VAT_")}
-        env.update(VAT_DATA_DIR=str(data_dir), VAT_OUTPUT_DIR=out, VAT_RUN_ID="bench", VAT_PLOTS="false",
-                   VAT_LOG_EVERY_S="30")
+        env.update(
+            VAT_DATA_DIR=str(data_dir), VAT_OUTPUT_DIR=out, VAT_RUN_ID="bench", VAT_PLOTS="false", VAT_LOG_EVERY_S="30"
+        )
         env.update({f"VAT_{k.upper()}": v for k, v in settings.items()})
         began = time.perf_counter()
         result = subprocess.run([sys.executable, "-m", "job"], env=env, cwd=REPO, capture_output=True, text=True)
@@ -48,7 +49,7 @@ def profile_updates(data_dir: Path, settings: dict[str, str], steps: int) -> str
     configure_backend(device, s.deterministic)
     split = load_mnist(raw_dir(data_dir), 42, 1, s.num_labeled).to(device)
     lines = []
-    for graphs in ([False, True] if device.type == "cuda" else [False]):
+    for graphs in [False, True] if device.type == "cuda" else [False]:
         s_graphs = s.model_copy(update={"cuda_graphs": graphs})
         trainer = Trainer("vat", s_graphs, split, device)
         trainer.model.train()
@@ -92,7 +93,10 @@ def main() -> None:
         ("whole job (process wall)", f"{wall:.2f} s"),
         ("peak host memory (RSS)", f"{timings['peak_rss_mb']:.0f} MB"),
         ("peak GPU memory", f"{timings['peak_gpu_memory_mb']:.0f} MB" if "peak_gpu_memory_mb" in timings else "-"),
-        ("baseline accuracy seeded/mnist", f"{base['seeded_test']['accuracy']:.4f} / {base['mnist_test']['accuracy']:.4f}"),
+        (
+            "baseline accuracy seeded/mnist",
+            f"{base['seeded_test']['accuracy']:.4f} / {base['mnist_test']['accuracy']:.4f}",
+        ),
         ("VAT accuracy seeded/mnist", f"{vat['seeded_test']['accuracy']:.4f} / {vat['mnist_test']['accuracy']:.4f}"),
     ]
     width = max(len(name) for name, _ in rows)

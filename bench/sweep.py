@@ -58,14 +58,22 @@ def main() -> None:
         try:
             with tempfile.TemporaryDirectory() as folder:
                 t = time.perf_counter()
-                result = train_phase(entry["phase"], s, split, device, Path(folder), StopFlag(), Hooks(log=get_logger()))
+                result = train_phase(
+                    entry["phase"], s, split, device, Path(folder), StopFlag(), Hooks(log=get_logger())
+                )
                 seconds = time.perf_counter() - t
             metrics = evaluate(result.model, split, s.eval_batch_size)
             line = {
-                "name": entry["name"], "phase": entry["phase"], "settings": entry["settings"],
-                "seconds": round(seconds, 2), "ms_per_update": round(1000 * seconds / max(result.steps, 1), 3),
-                **{f"{t}_{m}": round(metrics[t][m], 4) for t in ("seeded_test", "mnist_test")
-                   for m in ("accuracy", "macro_f1")},
+                "name": entry["name"],
+                "phase": entry["phase"],
+                "settings": entry["settings"],
+                "seconds": round(seconds, 2),
+                "ms_per_update": round(1000 * seconds / max(result.steps, 1), 3),
+                **{
+                    f"{t}_{m}": round(metrics[t][m], 4)
+                    for t in ("seeded_test", "mnist_test")
+                    for m in ("accuracy", "macro_f1")
+                },
                 "final_losses": {k: round(v[-1], 5) for k, v in result.history.items() if v},
                 "device": str(device),
             }

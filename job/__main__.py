@@ -27,43 +27,77 @@ def run_job(settings: Settings, stop: train.StopFlag, log: Any) -> dict[str, Any
     log.info("run_started", output=str(layout.root), device=str(device), preset=settings.preset)
 
     raw = data.ensure_mnist(
-        settings.data_dir, settings.mnist_mirrors, retries=settings.download_retries,
-        timeout_s=settings.download_timeout_s, on_event=log.warning,
+        settings.data_dir,
+        settings.mnist_mirrors,
+        retries=settings.download_retries,
+        timeout_s=settings.download_timeout_s,
+        on_event=log.warning,
     )
     split = data.load_mnist(
         raw, settings.test_split_seed, settings.label_split_seed, settings.num_labeled, settings.num_unlabeled
     ).to(device)
     data_seconds = time.perf_counter() - began
-    log.info("data_ready", labeled=len(split.labeled), unlabeled=len(split.unlabeled), seeded_test=len(split.seeded_test),
-             labeled_class_counts=split.labeled_class_counts(), seconds=round(data_seconds, 2))
+    log.info(
+        "data_ready",
+        labeled=len(split.labeled),
+        unlabeled=len(split.unlabeled),
+        seeded_test=len(split.seeded_test),
+        labeled_class_counts=split.labeled_class_counts(),
+        seconds=round(data_seconds, 2),
+    )
 
-    hooks = train.Hooks(log=log, on_corrupt=lambda path, error: log.warning("checkpoint_corrupt", path=str(path), error=str(error)))
+    hooks = train.Hooks(
+        log=log, on_corrupt=lambda path, error: log.warning("checkpoint_corrupt", path=str(path), error=str(error))
+    )
     results, models = {}, {}
     for phase in ("baseline", "vat"):
         result = train.train_phase(phase, settings, split, device, layout.phase(phase), stop, hooks)
         results[phase] = result
-        models[phase] = {**evaluate.evaluate(result.model, split, settings.eval_batch_size), "steps": result.steps,
-                         "train_seconds": result.train_seconds, "resumed_from_step": result.resumed_from}
-        log.info("evaluated", phase=phase, **{f"{t}_{m}": round(models[phase][t][m], 4)
-                                              for t in ("seeded_test", "mnist_test") for m in ("accuracy", "macro_f1")})
+        models[phase] = {
+            **evaluate.evaluate(result.model, split, settings.eval_batch_size),
+            "steps": result.steps,
+            "train_seconds": result.train_seconds,
+            "resumed_from_step": result.resumed_from,
+        }
+        log.info(
+            "evaluated",
+            phase=phase,
+            **{
+                f"{t}_{m}": round(models[phase][t][m], 4)
+                for t in ("seeded_test", "mnist_test")
+                for m in ("accuracy", "macro_f1")
+            },
+        )
 
     if settings.plots:
         labeled = split.labeled.cpu()
         report.plot_labeled_images(layout, split.train_images.cpu()[labeled], split.train_labels.cpu()[labeled])
         report.plot_losses(layout, {name: r.history for name, r in results.items()})
         report.plot_confusion_matrices(layout, models)
-    timings = {"data": round(data_seconds, 3), "total": round(time.perf_counter() - began, 3),
-               "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    timings = {
+        "data": round(data_seconds, 3),
+        "total": round(time.perf_counter() - began, 3),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
     if device.type == "cuda":
         timings["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    split_info = {"labeled_indices": split.labeled.cpu().tolist(), "labeled_class_counts": split.labeled_class_counts(),
-                  "num_unlabeled": len(split.unlabeled), "num_seeded_test": len(split.seeded_test)}
-    summary = report.build_report(settings.run_id, settings.public_dict(), report.environment(device), split_info,
-                                  models, timings)
+    split_info = {
+        "labeled_indices": split.labeled.cpu().tolist(),
+        "labeled_class_counts": split.labeled_class_counts(),
+        "num_unlabeled": len(split.unlabeled),
+        "num_seeded_test": len(split.seeded_test),
+    }
+    summary = report.build_report(
+        settings.run_id, settings.public_dict(), report.environment(device), split_info, models, timings
+    )
     report.write_json(layout.report, summary)
-    log.info("run_finished", report=str(layout.report), seconds=timings["total"],
-             baseline_mnist_test_accuracy=models["baseline"]["mnist_test"]["accuracy"],
-             vat_mnist_test_accuracy=models["vat"]["mnist_test"]["accuracy"])
+    log.info(
+        "run_finished",
+        report=str(layout.report),
+        seconds=timings["total"],
+        baseline_mnist_test_accuracy=models["baseline"]["mnist_test"]["accuracy"],
+        vat_mnist_test_accuracy=models["vat"]["mnist_test"]["accuracy"],
+    )
     return summary
 
 

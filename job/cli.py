@@ -74,9 +74,15 @@ def run() -> int:
         log.error("data_error", message=str(error), exit_code=EXIT_DATA)
         return EXIT_DATA
     except Interrupted as error:
-        log.warning("interrupted", signal=stop.signal_name, phase=error.phase, step=error.step,
-                    checkpoint=str(error.checkpoint), exit_code=EXIT_INTERRUPTED,
-                    message="run again with the same VAT_RUN_ID to resume")
+        log.warning(
+            "interrupted",
+            signal=stop.signal_name,
+            phase=error.phase,
+            step=error.step,
+            checkpoint=str(error.checkpoint),
+            exit_code=EXIT_INTERRUPTED,
+            message="run again with the same VAT_RUN_ID to resume",
+        )
         return EXIT_INTERRUPTED
     except Exception:
         log.exception("internal_error", exit_code=EXIT_INTERNAL)

@@ -135,7 +135,7 @@ class MnistSplit:
     unlabeled: torch.Tensor
     seeded_test: torch.Tensor
 
-    def to(self, device: torch.device) -> "MnistSplit":
+    def to(self, device: torch.device) -> MnistSplit:
         return MnistSplit(**{name: getattr(self, name).to(device) for name in self.__dataclass_fields__})
 
     def labeled_class_counts(self) -> list[int]:

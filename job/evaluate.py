@@ -17,7 +17,10 @@ CLASSES = [str(digit) for digit in range(10)]
 @torch.inference_mode()
 def predict(model: nn.Module, images_uint8: torch.Tensor, batch_size: int) -> np.ndarray:
     model.eval()
-    chunks = [model(as_float_batch(images_uint8[i : i + batch_size], channels_last=True)).argmax(1) for i in range(0, len(images_uint8), batch_size)]
+    chunks = [
+        model(as_float_batch(images_uint8[i : i + batch_size], channels_last=True)).argmax(1)
+        for i in range(0, len(images_uint8), batch_size)
+    ]
     return torch.cat(chunks).cpu().numpy()
 
 

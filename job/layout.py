@@ -1,10 +1,10 @@
 """The run folder's layout, in one place: the job writes it, storage uploads it, collect reads it back.
 
-    <output>/<run_id>/
-      report.json, manifest.json (written last), log.jsonl
-      baseline/checkpoint-<step>.pt, baseline/model.pt
-      vat/checkpoint-<step>.pt, vat/model.pt
-      plots/*.png
+<output>/<run_id>/
+  report.json, manifest.json (written last), log.jsonl
+  baseline/checkpoint-<step>.pt, baseline/model.pt
+  vat/checkpoint-<step>.pt, vat/model.pt
+  plots/*.png
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ class RunLayout:
     root: Path
 
     @classmethod
-    def of(cls, output_dir: Path, run_id: str) -> "RunLayout":
+    def of(cls, output_dir: Path, run_id: str) -> RunLayout:
         return cls(Path(output_dir) / run_id)
 
     @property

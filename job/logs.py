@@ -69,7 +69,9 @@ def _route_stdlib_and_warnings(level: str) -> None:
     root.handlers = [_ToStructlog()]
     root.setLevel(max(_LEVELS[level], logging.WARNING))
 
-    def show_warning(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+    def show_warning(
+        message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None
+    ) -> None:
         structlog.get_logger("warnings").warning(
             "python_warning", category=category.__name__, message=str(message), where=f"{filename}:{lineno}"
         )

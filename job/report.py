@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,16 @@ REPORT_VERSION = 1
 
 def environment(device: torch.device) -> dict[str, Any]:
     versions = {}
-    for package in ("vat-job", "torch", "torchvision", "numpy", "scikit-learn", "pydantic-settings", "boto3", "structlog"):
+    for package in (
+        "vat-job",
+        "torch",
+        "torchvision",
+        "numpy",
+        "scikit-learn",
+        "pydantic-settings",
+        "boto3",
+        "structlog",
+    ):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -57,7 +66,7 @@ def build_report(
     return {
         "report_version": REPORT_VERSION,
         "run_id": run_id,
-        "created_at": datetime.now(timezone.utc).isoformat(),
+        "created_at": datetime.now(UTC).isoformat(),
         "settings": settings,
         "environment": env,
         "split": split,
@@ -115,14 +124,26 @@ def plot_confusion_matrices(layout: RunLayout, models: dict[str, Any]) -> list[P
     paths = []
     for test_set in ("seeded_test", "mnist_test"):
         fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4.5))
-        for ax, (name, result) in zip(np.atleast_1d(axes), models.items()):
+        for ax, (name, result) in zip(np.atleast_1d(axes), models.items(), strict=True):
             matrix = np.array(result[test_set]["confusion_matrix"])
             ax.imshow(matrix, cmap="Blues")
             for (row, col), value in np.ndenumerate(matrix):
-                ax.text(col, row, str(value), ha="center", va="center", fontsize=6,
-                        color="white" if value > matrix.max() / 2 else "black")
-            ax.set(title=f"{name}: accuracy {result[test_set]['accuracy']:.4f}", xlabel="predicted", ylabel="true",
-                   xticks=range(10), yticks=range(10))
+                ax.text(
+                    col,
+                    row,
+                    str(value),
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white" if value > matrix.max() / 2 else "black",
+                )
+            ax.set(
+                title=f"{name}: accuracy {result[test_set]['accuracy']:.4f}",
+                xlabel="predicted",
+                ylabel="true",
+                xticks=range(10),
+                yticks=range(10),
+            )
         fig.suptitle(test_set)
         path = layout.plots / f"confusion_{test_set}.png"
         _save_figure(fig, path)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,6 +35,7 @@ ARTICLE_PRESET: dict[str, Any] = {
     "dropout_masks": "independent",
 }
 
+UNKNOWN_SETTING = "unknown setting (a typo?); the settings are listed in .env.example"
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -44,7 +45,7 @@ class ConfigError(Exception):
 
 def generate_run_id() -> str:
     """A sortable, unique run id: UTC time plus a random suffix."""
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
 class Settings(BaseSettings):
@@ -126,7 +127,12 @@ class Settings(BaseSettings):
     @classmethod
     def _sweep_index(cls, data: Any) -> Any:
         # A Kubernetes Indexed Job gives each pod JOB_COMPLETION_INDEX; a sweep trains label seed 1+index.
-        if isinstance(data, dict) and str(data.get("label_split_seed_from_index", "")).lower() in ("1", "true", "yes", "on"):
+        if isinstance(data, dict) and str(data.get("label_split_seed_from_index", "")).lower() in (
+            "1",
+            "true",
+            "yes",
+            "on",
+        ):
             index = os.environ.get("JOB_COMPLETION_INDEX")
             if index is None:
                 raise ValueError("label_split_seed_from_index needs JOB_COMPLETION_INDEX (set by an Indexed Job)")
@@ -138,7 +144,9 @@ class Settings(BaseSettings):
     @classmethod
     def _run_id_is_a_path_segment(cls, value: str) -> str:
         if not RUN_ID_PATTERN.match(value):
-            raise ValueError("must be 1-128 characters of letters, digits, '.', '_' or '-', starting with a letter or digit")
+            raise ValueError(
+                "must be 1-128 characters of letters, digits, '.', '_' or '-', starting with a letter or digit"
+            )
         return value
 
     @field_validator("s3_prefix")
@@ -147,7 +155,7 @@ class Settings(BaseSettings):
         return value.strip("/")
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Settings":
+    def _consistent(self) -> Settings:
         if self.labeled_batch_size > self.num_labeled:
             raise ValueError(
                 f"VAT_LABELED_BATCH_SIZE={self.labeled_batch_size} is larger than VAT_NUM_LABELED={self.num_labeled}"
@@ -191,9 +199,8 @@ def load_settings(env_file: str | Path | None = ".env", **overrides: Any) -> Set
     """Read and validate the settings; raise ConfigError with one line that says what to fix."""
     unknown = _unknown_variables(dict(os.environ))
     if unknown:
-        raise ConfigError(
-            f"{unknown[0]}={os.environ[unknown[0]]!r}: unknown setting (a typo?); the settings are listed in .env.example"
-        )
+        name = unknown[0]
+        raise ConfigError(f"{name}={os.environ[name]!r}: {UNKNOWN_SETTING}")
     try:
         return Settings(_env_file=env_file, **overrides)
     except ValidationError as error:
@@ -219,5 +226,5 @@ def _allowed(item: dict[str, Any]) -> str:
     if item["type"] == "literal_error" and "expected" in ctx:
         return f"must be one of {ctx['expected']}"
     if item["type"] == "extra_forbidden":
-        return "unknown setting (a typo?); the settings are listed in .env.example"
+        return UNKNOWN_SETTING
     return msg[0].lower() + msg[1:] if msg else msg

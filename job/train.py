@@ -39,11 +39,34 @@ LOSS_NAMES = ("cross_entropy", "lds", "entropy")
 
 # Settings that change what a phase computes: a run resumed with other values would mix two experiments.
 TRAINING_FIELDS = {
-    "baseline": ("seed", "test_split_seed", "label_split_seed", "num_labeled", "baseline_steps", "labeled_batch_size", "lr", "lr_decay"),
+    "baseline": (
+        "seed",
+        "test_split_seed",
+        "label_split_seed",
+        "num_labeled",
+        "baseline_steps",
+        "labeled_batch_size",
+        "lr",
+        "lr_decay",
+    ),
     "vat": (
-        "seed", "test_split_seed", "label_split_seed", "num_labeled", "num_unlabeled", "train_steps", "labeled_batch_size",
-        "unlabeled_batch_size", "lr", "lr_decay", "epsilon", "xi", "power_iterations", "vat_weight", "entmin_weight",
-        "perturbed_bn", "dropout_masks",
+        "seed",
+        "test_split_seed",
+        "label_split_seed",
+        "num_labeled",
+        "num_unlabeled",
+        "train_steps",
+        "labeled_batch_size",
+        "unlabeled_batch_size",
+        "lr",
+        "lr_decay",
+        "epsilon",
+        "xi",
+        "power_iterations",
+        "vat_weight",
+        "entmin_weight",
+        "perturbed_bn",
+        "dropout_masks",
     ),
 }
 
@@ -198,7 +221,9 @@ class Trainer:
     def vat_losses(self) -> torch.Tensor:
         s, model = self.s, self.model
         ce = self._labeled_loss()
-        xu = as_float_batch(self.data.train_images[draw(self.data.unlabeled, s.unlabeled_batch_size)], channels_last=True)
+        xu = as_float_batch(
+            self.data.train_images[draw(self.data.unlabeled, s.unlabeled_batch_size)], channels_last=True
+        )
         mask = model.dropout_mask(len(xu), xu) if s.dropout_masks == "shared" else None
 
         def forward(z: torch.Tensor) -> torch.Tensor:
@@ -214,7 +239,12 @@ class Trainer:
         entropy = entropy_with_logits(clean_logits) if s.entmin_weight > 0 else torch.zeros((), device=self.device)
         with running_stats_frozen(model, s.perturbed_bn == "frozen"):
             lds = lds_loss(
-                forward, xu, clean_logits, epsilon=s.epsilon, xi=s.xi, power_iterations=s.power_iterations,
+                forward,
+                xu,
+                clean_logits,
+                epsilon=s.epsilon,
+                xi=s.xi,
+                power_iterations=s.power_iterations,
                 power_forward=power_forward,
             )
         self._backward_and_step(ce + s.vat_weight * lds + s.entmin_weight * entropy)
@@ -290,8 +320,10 @@ class Trainer:
         mismatched = {k: (v, getattr(self.s, k)) for k, v in state["settings"].items() if getattr(self.s, k) != v}
         if mismatched:
             what = ", ".join(f"VAT_{k.upper()} was {old!r}, now {new!r}" for k, (old, new) in mismatched.items())
-            raise ResumeMismatch(f"{self.phase} checkpoints of this run were made with other settings ({what}); "
-                                 "use a new VAT_RUN_ID or the old settings")
+            raise ResumeMismatch(
+                f"{self.phase} checkpoints of this run were made with other settings ({what}); "
+                "use a new VAT_RUN_ID or the old settings"
+            )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -340,10 +372,17 @@ def train_phase(
             raise Interrupted(phase, done, path)
         if now - last_log >= settings.log_every_s:
             rate = (done - last_logged_step) / (now - last_log)
-            losses = dict(zip(LOSS_NAMES, history[step].tolist()))
-            log.info("progress", phase=phase, step=done, of=total, steps_per_s=round(rate, 2),
-                     eta_s=round((total - done) / rate, 1), lr=lr_at(step, total, settings.lr, settings.lr_decay),
-                     **{k: round(v, 5) for k, v in losses.items()})
+            losses = dict(zip(LOSS_NAMES, history[step].tolist(), strict=True))
+            log.info(
+                "progress",
+                phase=phase,
+                step=done,
+                of=total,
+                steps_per_s=round(rate, 2),
+                eta_s=round((total - done) / rate, 1),
+                lr=lr_at(step, total, settings.lr, settings.lr_decay),
+                **{k: round(v, 5) for k, v in losses.items()},
+            )
             last_log, last_logged_step = now, done
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -372,6 +411,15 @@ def save_final_model(model: nn.Module, path: Path, hooks: Hooks) -> None:
 
 
 __all__ = [
-    "CheckpointError", "Hooks", "Interrupted", "PhaseResult", "ResumeMismatch", "StopFlag", "Trainer",
-    "configure_backend", "load_checkpoint", "resolve_device", "train_phase",
+    "CheckpointError",
+    "Hooks",
+    "Interrupted",
+    "PhaseResult",
+    "ResumeMismatch",
+    "StopFlag",
+    "Trainer",
+    "configure_backend",
+    "load_checkpoint",
+    "resolve_device",
+    "train_phase",
 ]

@@ -33,9 +33,16 @@ def job_env(tmp_path: Path, mnist_dir: Path, **settings) -> dict:
     """Environment for a short job run in a subprocess (a few steps, no plots unless asked)."""
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("VAT_")}
     env.update(
-        VAT_DATA_DIR=str(mnist_dir), VAT_OUTPUT_DIR=str(tmp_path / "runs"), VAT_DEVICE="cpu",
-        VAT_BASELINE_STEPS="6", VAT_TRAIN_STEPS="4", VAT_UNLABELED_BATCH_SIZE="64", VAT_CHECKPOINT_EVERY="2",
-        VAT_EVAL_BATCH_SIZE="5000", VAT_PLOTS="false", PYTHONWARNINGS="default",
+        VAT_DATA_DIR=str(mnist_dir),
+        VAT_OUTPUT_DIR=str(tmp_path / "runs"),
+        VAT_DEVICE="cpu",
+        VAT_BASELINE_STEPS="6",
+        VAT_TRAIN_STEPS="4",
+        VAT_UNLABELED_BATCH_SIZE="64",
+        VAT_CHECKPOINT_EVERY="2",
+        VAT_EVAL_BATCH_SIZE="5000",
+        VAT_PLOTS="false",
+        PYTHONWARNINGS="default",
     )
     env.update({f"VAT_{k.upper()}": str(v) for k, v in settings.items()})
     return env

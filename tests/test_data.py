@@ -42,7 +42,9 @@ def test_split_is_the_articles_own_procedure_on_the_dataset_object(mnist_dir, mn
     # The seeded test set and the unlabelled pool are the article's too (spot-check both ends).
     for ours_idx, theirs in ((mnist_split.seeded_test, test_set), (mnist_split.unlabeled, unlabel_set)):
         for position in (0, 1, len(theirs) - 1):
-            assert torch.equal(theirs[position][0], mnist_split.train_images[ours_idx[position]].unsqueeze(0).float() / 255)
+            assert torch.equal(
+                theirs[position][0], mnist_split.train_images[ours_idx[position]].unsqueeze(0).float() / 255
+            )
 
 
 def test_other_seeds_give_other_labelled_sets_and_smaller_pools_are_nested():
@@ -135,8 +137,15 @@ def dead_url() -> str:
 def fetch(data_dir, urls, **kw):
     events = []
     kw.setdefault("retries", 2)
-    folder = ensure_mnist(data_dir, urls, expected=TINY_SHA, backoff_s=0.01, timeout_s=5,
-                          on_event=lambda event, **f: events.append(event), **kw)
+    folder = ensure_mnist(
+        data_dir,
+        urls,
+        expected=TINY_SHA,
+        backoff_s=0.01,
+        timeout_s=5,
+        on_event=lambda event, **f: events.append(event),
+        **kw,
+    )
     return folder, events
 
 
@@ -185,8 +194,14 @@ def test_job_downloads_real_mnist_from_a_loopback_mirror(tmp_path, mirrors, mnis
 
     real = {p.name: p.read_bytes() for p in raw_dir(mnist_dir).iterdir() if p.name.endswith("ubyte")}
     good = mirrors(real)
-    env = job_env(tmp_path, tmp_path / "data", BASELINE_STEPS=0, TRAIN_STEPS=0,
-                  MNIST_MIRRORS=f'["{dead_url()}", "{good.url}"]', DOWNLOAD_RETRIES=1)
+    env = job_env(
+        tmp_path,
+        tmp_path / "data",
+        BASELINE_STEPS=0,
+        TRAIN_STEPS=0,
+        MNIST_MIRRORS=f'["{dead_url()}", "{good.url}"]',
+        DOWNLOAD_RETRIES=1,
+    )
     result = subprocess.run([sys.executable, "-m", "job"], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     for name, content in real.items():

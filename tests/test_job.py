@@ -15,8 +15,9 @@ REQUIRED_LOG_KEYS = {"timestamp", "level", "event", "run_id"}
 
 
 def run(env, timeout=300):
-    return subprocess.run([sys.executable, "-m", "job"], env=env, capture_output=True, text=True, timeout=timeout,
-                          cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "job"], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
 
 
 def json_lines(text):
@@ -42,7 +43,9 @@ def test_job_exits_0_and_every_stdout_line_is_json_with_the_required_keys(finish
     progress = next(r for r in records if r["event"] == "progress")
     assert {"step", "steps_per_s", "eta_s", "cross_entropy"} <= progress.keys()
     assert result.stderr.strip() == ""
-    assert json_lines((folder / "log.jsonl").read_text()) == records[: len(json_lines((folder / "log.jsonl").read_text()))]
+    assert (
+        json_lines((folder / "log.jsonl").read_text()) == records[: len(json_lines((folder / "log.jsonl").read_text()))]
+    )
 
 
 def test_report_has_the_documented_layout(finished_run):
@@ -62,9 +65,16 @@ def test_report_has_the_documented_layout(finished_run):
             matrix = result["confusion_matrix"]
             assert len(matrix) == 10 and sum(map(sum, matrix)) == 10_000
             assert "macro avg" in result["classification_report"]
-    for path in ("baseline/model.pt", "vat/model.pt", "baseline/checkpoint-0000006.pt", "vat/checkpoint-0000002.pt",
-                 "plots/losses.png", "plots/labeled_images.png", "plots/confusion_mnist_test.png",
-                 "plots/confusion_seeded_test.png"):
+    for path in (
+        "baseline/model.pt",
+        "vat/model.pt",
+        "baseline/checkpoint-0000006.pt",
+        "vat/checkpoint-0000002.pt",
+        "plots/losses.png",
+        "plots/labeled_images.png",
+        "plots/confusion_mnist_test.png",
+        "plots/confusion_seeded_test.png",
+    ):
         assert (folder / path).is_file(), path
     assert (folder / "plots/losses.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -98,8 +98,7 @@ def test_sweep_index_maps_to_label_seed(monkeypatch):
 
 
 def run_job(env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "job"], env=env, capture_output=True, text=True, timeout=120,
-                          cwd=REPO)
+    return subprocess.run([sys.executable, "-m", "job"], env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
 
 
 def clean_env(**extra) -> dict:

@@ -103,8 +103,9 @@ def test_model_matches_the_articles_layer_order_exactly():
     ours = ArticleCNN().train()
     x = torch.rand(16, 1, 28, 28)
     mask = ours.dropout_mask(16, x)
-    article = nn.Sequential(ours.conv1, ours.bn1, nn.ReLU(), nn.MaxPool2d(2), ours.conv2, ours.bn2, nn.ReLU(),
-                            nn.MaxPool2d(2), nn.Flatten())
+    article = nn.Sequential(
+        ours.conv1, ours.bn1, nn.ReLU(), nn.MaxPool2d(2), ours.conv2, ours.bn2, nn.ReLU(), nn.MaxPool2d(2), nn.Flatten()
+    )
     expected = ours.fc2(torch.relu(ours.fc1(article(x)) * mask))
     torch.testing.assert_close(ours(x, mask), expected)
     weights = [m.weight for m in ours.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
