@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from job import data, evaluate, logs, report, train
-from job.layout import RunLayout
+from job import data, evaluate, logs, report, storage, train
+from job.layout import PHASES, RunLayout
 from job.settings import Settings
 
 
@@ -25,6 +25,10 @@ def run_job(settings: Settings, stop: train.StopFlag, log: Any) -> dict[str, Any
     layout = RunLayout.of(settings.output_dir, settings.run_id)
     logs.open_run_log(layout.log)
     log.info("run_started", output=str(layout.root), device=str(device), preset=settings.preset)
+    store = storage.open_run_store(settings) if settings.s3_bucket else None  # fails fast, before any training
+    if store:
+        fetched = store.download(layout.root, only=lambda relative: relative.startswith(PHASES))
+        log.info("storage_ready", bucket=settings.s3_bucket, prefix=store.run_prefix, fetched_for_resume=fetched)
 
     raw = data.ensure_mnist(
         settings.data_dir,
@@ -98,7 +102,21 @@ def run_job(settings: Settings, stop: train.StopFlag, log: Any) -> dict[str, Any
         baseline_mnist_test_accuracy=models["baseline"]["mnist_test"]["accuracy"],
         vat_mnist_test_accuracy=models["vat"]["mnist_test"]["accuracy"],
     )
+    if store:
+        logs.close_run_log()  # the log is complete: what follows goes to stdout only
+        manifest = store.upload_run(layout, on_event=log.debug)
+        log.info("run_uploaded", bucket=settings.s3_bucket, prefix=store.run_prefix, files=len(manifest["files"]))
     return summary
+
+
+def upload_as_training_goes(store: storage.RunStore | None, layout: RunLayout, path: Any, log: Any) -> None:
+    """Checkpoints reach the bucket as they are written; a failed upload is retried by the final upload."""
+    if store is None:
+        return
+    try:
+        store.upload(path, path.relative_to(layout.root).as_posix())
+    except storage.StorageError as error:
+        log.warning("checkpoint_upload_failed", path=str(path), error=str(error), kept_locally=True)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ def run() -> int:
 
     # Imported here so that `vat-job --help` and settings errors answer without loading torch.
     from job.__main__ import run_job
+    from job.storage import StorageError
     from job.train import Interrupted, ResumeMismatch, StopFlag
 
     stop = StopFlag()
@@ -70,6 +71,15 @@ def run() -> int:
     except (ConfigError, ResumeMismatch) as error:
         log.error("config_error", message=str(error), exit_code=EXIT_CONFIG)
         return EXIT_CONFIG
+    except StorageError as error:
+        log.error(
+            "storage_error",
+            message=str(error),
+            exit_code=EXIT_STORAGE,
+            local_artifacts=str(settings.output_dir / settings.run_id),
+            hint="run again with the same VAT_RUN_ID to upload what is missing",
+        )
+        return EXIT_STORAGE
     except DataError as error:
         log.error("data_error", message=str(error), exit_code=EXIT_DATA)
         return EXIT_DATA

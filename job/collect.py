@@ -1,0 +1,205 @@
+"""`vat-job collect`: read runs back from the bucket, as a table for people or JSON/CSV for tools.
+
+    vat-job collect [--format table|json|csv]          every run under s3://<bucket>/<prefix>/runs/
+    vat-job collect --run RUN_ID --download DIR         fetch one run's artifacts
+
+Runs of the same configuration (all settings equal but the seeds and run ids) are grouped, and their metrics
+reported as mean and standard deviation, the way papers report them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from job.layout import MANIFEST, REPORT
+from job.settings import ConfigError, load_settings
+from job.storage import RunStore, StorageError, list_run_ids, make_client
+
+METRICS = [
+    (m, t, k) for m in ("baseline", "vat") for t in ("seeded_test", "mnist_test") for k in ("accuracy", "macro_f1")
+]
+# Settings that differ between runs without making them different experiments.
+NOT_CONFIGURATION = {
+    "run_id",
+    "seed",
+    "label_split_seed",
+    "output_dir",
+    "data_dir",
+    "log_format",
+    "log_level",
+    "log_every_s",
+    "s3_bucket",
+    "s3_prefix",
+    "s3_endpoint_url",
+    "mnist_mirrors",
+    "plots",
+    "label_split_seed_from_index",
+    "checkpoint_every",
+}
+
+
+def metric_name(model: str, test_set: str, metric: str) -> str:
+    return f"{model}.{test_set}.{metric}"
+
+
+def read_runs(store_for: Any, run_ids: Sequence[str]) -> list[dict[str, Any]]:
+    rows = []
+    for run_id in run_ids:
+        store: RunStore = store_for(run_id)
+        objects = store.remote_objects()
+        row: dict[str, Any] = {
+            "run_id": run_id,
+            "status": "complete" if MANIFEST in objects else "incomplete",
+            "objects": len(objects),
+        }
+        if REPORT in objects:
+            report = store.fetch_json(REPORT)
+            row["created_at"] = report.get("created_at")
+            row["settings"] = report.get("settings", {})
+            for model, test_set, metric in METRICS:
+                value = report.get("models", {}).get(model, {}).get(test_set, {}).get(metric)
+                row[metric_name(model, test_set, metric)] = value
+        rows.append(row)
+    return rows
+
+
+def differing_settings(rows: list[dict[str, Any]]) -> list[str]:
+    keys = sorted({k for row in rows for k in row.get("settings", {})} - {"run_id"})
+    return [k for k in keys if len({json.dumps(row.get("settings", {}).get(k)) for row in rows}) > 1]
+
+
+def group_by_configuration(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if "settings" not in row:
+            continue
+        config = {k: v for k, v in row["settings"].items() if k not in NOT_CONFIGURATION}
+        groups.setdefault(json.dumps(config, sort_keys=True), []).append(row)
+    summaries = []
+    for config, members in groups.items():
+        summary: dict[str, Any] = {
+            "configuration": json.loads(config),
+            "runs": len(members),
+            "label_split_seeds": sorted(m["settings"].get("label_split_seed") for m in members),
+        }
+        for model, test_set, metric in METRICS:
+            values = [
+                m[metric_name(model, test_set, metric)]
+                for m in members
+                if m.get(metric_name(model, test_set, metric)) is not None
+            ]
+            name = metric_name(model, test_set, metric)
+            summary[name] = {
+                "mean": statistics.fmean(values) if values else None,
+                "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "n": len(values),
+            }
+        summaries.append(summary)
+    return summaries
+
+
+def render_table(rows: list[dict[str, Any]], groups: list[dict[str, Any]]) -> str:
+    differing = differing_settings(rows)
+    header = [
+        "run_id",
+        "created_at",
+        "status",
+        *differing,
+        "base seeded acc/F1",
+        "base mnist acc/F1",
+        "vat seeded acc/F1",
+        "vat mnist acc/F1",
+    ]
+    lines = []
+    for row in rows:
+        cells = [row["run_id"], (row.get("created_at") or "")[:19], row["status"]]
+        cells += [str(row.get("settings", {}).get(k, "")) for k in differing]
+        for model in ("baseline", "vat"):
+            for test_set in ("seeded_test", "mnist_test"):
+                acc, f1 = (row.get(metric_name(model, test_set, m)) for m in ("accuracy", "macro_f1"))
+                cells.append(f"{acc:.4f}/{f1:.4f}" if acc is not None else "-")
+        lines.append(cells)
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *lines, strict=False)]
+    out = io.StringIO()
+    for cells in [header, *lines]:
+        out.write("  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=False)).rstrip() + "\n")
+    for group in groups:
+        if group["runs"] < 2:
+            continue
+        out.write(
+            f"\n{group['runs']} runs of one configuration (label seeds {group['label_split_seeds']}): mean ± std\n"
+        )
+        for model, test_set, metric in METRICS:
+            stat = group[metric_name(model, test_set, metric)]
+            if stat["mean"] is not None:
+                out.write(f"  {metric_name(model, test_set, metric):32s} {stat['mean']:.4f} ± {stat['std']:.4f}\n")
+    return out.getvalue()
+
+
+def render_csv(rows: list[dict[str, Any]]) -> str:
+    differing = differing_settings(rows)
+    columns = ["run_id", "created_at", "status", *differing, *(metric_name(*m) for m in METRICS)]
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({**{k: row.get("settings", {}).get(k) for k in differing}, **row})
+    return out.getvalue()
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="vat-job collect", description=__doc__.splitlines()[0])
+    parser.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    parser.add_argument("--run", help="one run id")
+    parser.add_argument("--download", type=Path, help="with --run: fetch the run's artifacts into this folder")
+    args = parser.parse_args(list(argv))
+    try:
+        settings = load_settings()
+        if not settings.s3_bucket:
+            raise ConfigError("VAT_S3_BUCKET is not set: collect reads runs from the bucket")
+    except ConfigError as error:
+        print(f"vat-job collect: {error}", file=sys.stderr)
+        return 2
+    client = make_client(
+        settings.s3_endpoint_url,
+        settings.s3_addressing_style,
+        settings.s3_checksums,
+        settings.s3_max_attempts,
+        settings.s3_connect_timeout_s,
+    )
+
+    def store_for(run_id: str) -> RunStore:
+        return RunStore(client, settings.s3_bucket, settings.s3_prefix, run_id)
+
+    try:
+        if args.download:
+            if not args.run:
+                print("vat-job collect: --download needs --run RUN_ID", file=sys.stderr)
+                return 2
+            fetched = store_for(args.run).download(args.download / args.run)
+            if not fetched and not (args.download / args.run).exists():
+                print(f"vat-job collect: no run {args.run!r} in the bucket", file=sys.stderr)
+                return 2
+            print(f"{len(fetched)} files of run {args.run} in {args.download / args.run}")
+            return 0
+        run_ids = [args.run] if args.run else list_run_ids(client, settings.s3_bucket, settings.s3_prefix)
+        rows = read_runs(store_for, run_ids)
+    except StorageError as error:
+        print(f"vat-job collect: {error}", file=sys.stderr)
+        return 4
+    groups = group_by_configuration(rows)
+    if args.format == "json":
+        print(json.dumps({"runs": rows, "configurations": groups}, indent=2))
+    elif args.format == "csv":
+        print(render_csv(rows), end="")
+    else:
+        print(render_table(rows, groups), end="")
+    return 0

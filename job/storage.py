@@ -1,0 +1,205 @@
+"""S3-compatible object storage: the bucket is the system of record for every run.
+
+    s3://<bucket>/<prefix>/runs/<run_id>/<the run folder's layout>   (manifest.json uploaded last)
+
+Endpoint and credentials come from boto3's own chain (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
+profiles, instance roles...), never from VAT_* settings, and are never logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from job.layout import MANIFEST, RunLayout
+
+MULTIPART_THRESHOLD = 8 * 1024 * 1024
+
+
+class StorageError(Exception):
+    """The bucket is unreachable, missing, or access is denied; the message says which and what to check."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def make_client(
+    endpoint_url: str | None = None,
+    addressing_style: str = "auto",
+    checksums: str = "when_required",
+    max_attempts: int = 5,
+    connect_timeout_s: float = 5.0,
+) -> Any:
+    """A boto3 S3 client that works with AWS and with other S3-compatible servers.
+
+    Since boto3 1.36 the default is to send CRC checksums on every upload and demand them on downloads, which
+    several non-AWS servers reject; "when_required" restores the behaviour they accept.
+    """
+    config = Config(
+        retries={"mode": "standard", "max_attempts": max_attempts},
+        connect_timeout=connect_timeout_s,
+        read_timeout=60,
+        s3={"addressing_style": addressing_style},
+        request_checksum_calculation=checksums,
+        response_checksum_validation=checksums,
+    )
+    return boto3.client("s3", endpoint_url=endpoint_url or None, config=config)
+
+
+def _describe(error: Exception, bucket: str) -> str:
+    if isinstance(error, ClientError):
+        code = error.response.get("Error", {}).get("Code", "")
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in ("404", "NoSuchBucket"):
+            return f"bucket {bucket!r} does not exist (create it or fix VAT_S3_BUCKET)"
+        if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch") or status == 403:
+            return f"access to bucket {bucket!r} denied ({code}): check the credentials (AWS_ACCESS_KEY_ID, ...)"
+        return f"bucket {bucket!r}: {code or status}: {error}"
+    return f"object storage unreachable ({type(error).__name__}): check AWS_ENDPOINT_URL / VAT_S3_ENDPOINT_URL"
+
+
+@dataclass
+class RunStore:
+    """One run's objects in the bucket."""
+
+    client: Any
+    bucket: str
+    prefix: str
+    run_id: str
+
+    @property
+    def run_prefix(self) -> str:
+        return f"{self.prefix}/runs/{self.run_id}/" if self.prefix else f"runs/{self.run_id}/"
+
+    def key(self, relative: str) -> str:
+        return self.run_prefix + relative
+
+    def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (ClientError, BotoCoreError) as error:
+            raise StorageError(_describe(error, self.bucket)) from None
+
+    def preflight(self) -> None:
+        """Cheap check before any training: the bucket exists and we may write to it."""
+        self._call(self.client.head_bucket, Bucket=self.bucket)
+        probe = self.key(".preflight")
+        self._call(self.client.put_object, Bucket=self.bucket, Key=probe, Body=b"ok")
+        self._call(self.client.delete_object, Bucket=self.bucket, Key=probe)
+
+    def upload(self, path: Path, relative: str, sha256: str | None = None) -> None:
+        """Upload one file (multipart above 8 MiB) and check that the stored size matches."""
+        sha256 = sha256 or sha256_file(path)
+        self._call(
+            self.client.upload_file,
+            str(path),
+            self.bucket,
+            self.key(relative),
+            ExtraArgs={"Metadata": {"sha256": sha256}},
+            Config=TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD),
+        )
+        head = self._call(self.client.head_object, Bucket=self.bucket, Key=self.key(relative))
+        if head["ContentLength"] != path.stat().st_size or head.get("Metadata", {}).get("sha256") != sha256:
+            raise StorageError(f"upload of {relative} did not arrive intact (size or sha256 differs)")
+
+    def remote_objects(self) -> dict[str, int]:
+        """relative path -> size, for every object of this run."""
+        found: dict[str, int] = {}
+        paginator = self.client.get_paginator("list_objects_v2")
+        pages = self._call(lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=self.run_prefix)))
+        for page in pages:
+            for item in page.get("Contents", []):
+                found[item["Key"][len(self.run_prefix) :]] = item["Size"]
+        return found
+
+    def upload_run(self, layout: RunLayout, on_event: Callable[..., None] = lambda event, **kw: None) -> dict:
+        """Upload what the bucket lacks, then write and upload manifest.json last; return the manifest."""
+        remote = self.remote_objects()
+        remote_manifest = self.fetch_json(MANIFEST) if MANIFEST in remote else {"files": {}}
+        files = {}
+        for path in sorted(local_files(layout)):
+            relative = path.relative_to(layout.root).as_posix()
+            size, sha = path.stat().st_size, sha256_file(path)
+            files[relative] = {"size": size, "sha256": sha}
+            known = remote_manifest["files"].get(relative, {})
+            if remote.get(relative) == size and known.get("sha256") == sha:
+                continue
+            self.upload(path, relative, sha)
+            on_event("uploaded", file=relative, bytes=size)
+        manifest = {"run_id": self.run_id, "files": files}
+        write_manifest(layout, manifest)
+        self.upload(layout.manifest, MANIFEST)
+        return manifest
+
+    def fetch_json(self, relative: str) -> Any:
+        body = self._call(self.client.get_object, Bucket=self.bucket, Key=self.key(relative))["Body"].read()
+        return json.loads(body)
+
+    def download(self, destination: Path, only: Callable[[str], bool] = lambda relative: True) -> list[str]:
+        """Fetch this run's objects into `destination` (atomically per file), skipping files already there."""
+        fetched = []
+        for relative, size in self.remote_objects().items():
+            target = destination / relative
+            if not only(relative) or (target.is_file() and target.stat().st_size == size):
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(f".{target.name}.part")
+            self._call(self.client.download_file, self.bucket, self.key(relative), str(partial))
+            os.replace(partial, target)
+            fetched.append(relative)
+        return fetched
+
+
+def local_files(layout: RunLayout) -> Iterator[Path]:
+    """Every artifact of the run folder except the manifest and temporary files."""
+    for path in layout.root.rglob("*"):
+        if path.is_file() and path.name != MANIFEST and not path.name.startswith("."):
+            yield path
+
+
+def write_manifest(layout: RunLayout, manifest: dict) -> None:
+    from job.checkpoint import atomic_write_bytes
+
+    text = json.dumps(manifest, indent=2) + "\n"
+    atomic_write_bytes(layout.manifest, lambda handle: handle.write(text.encode()))
+
+
+def list_run_ids(client: Any, bucket: str, prefix: str) -> list[str]:
+    root = f"{prefix}/runs/" if prefix else "runs/"
+    paginator = client.get_paginator("list_objects_v2")
+    ids = []
+    try:
+        for page in paginator.paginate(Bucket=bucket, Prefix=root, Delimiter="/"):
+            ids += [p["Prefix"][len(root) :].rstrip("/") for p in page.get("CommonPrefixes", [])]
+    except (ClientError, BotoCoreError) as error:
+        raise StorageError(_describe(error, bucket)) from None
+    return sorted(ids)
+
+
+def open_run_store(settings: Any) -> RunStore:
+    """The run's store from the settings, checked with a preflight (raises StorageError)."""
+    client = make_client(
+        settings.s3_endpoint_url,
+        settings.s3_addressing_style,
+        settings.s3_checksums,
+        settings.s3_max_attempts,
+        settings.s3_connect_timeout_s,
+    )
+    store = RunStore(client, settings.s3_bucket, settings.s3_prefix, settings.run_id)
+    store.preflight()
+    return store

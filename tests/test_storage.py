@@ -1,0 +1,267 @@
+"""Object storage against a real S3-compatible HTTP server (moto) on 127.0.0.1, through the job's own boto3 path."""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import boto3
+import pytest
+
+from tests.conftest import REPO, job_env
+
+BUCKET = "vat-results"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{server._server.server_port}"
+    credentials = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+    }
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing-secret",
+        region_name="us-east-1",
+    )
+    client.create_bucket(Bucket=BUCKET)
+    yield {"endpoint": endpoint, "env": credentials, "client": client}
+    server.stop()
+
+
+def env_for(tmp_path, mnist_dir, s3, **settings):
+    env = job_env(tmp_path, mnist_dir, **{"S3_BUCKET": BUCKET, "S3_PREFIX": "team/vat", **settings})
+    env.update(s3["env"])
+    return env
+
+
+def run(env, *args, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "job", *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
+
+
+def events(stdout):
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+def objects(client, run_id):
+    prefix = f"team/vat/runs/{run_id}/"
+    listing = client.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])
+    return {item["Key"][len(prefix) :]: item for item in listing}
+
+
+@pytest.fixture(scope="module")
+def uploaded_run(tmp_path_factory, mnist_dir, s3_server):
+    tmp = tmp_path_factory.mktemp("s3run")
+    env = env_for(tmp, mnist_dir, s3_server, RUN_ID="up-1", PLOTS="true")
+    result = run(env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return tmp, env, result
+
+
+def test_every_artifact_arrives_intact_and_the_manifest_describes_them(uploaded_run, s3_server):
+    tmp, _, result = uploaded_run
+    client, local = s3_server["client"], tmp / "runs" / "up-1"
+    stored = objects(client, "up-1")
+    manifest = json.loads(client.get_object(Bucket=BUCKET, Key="team/vat/runs/up-1/manifest.json")["Body"].read())
+    assert set(stored) == set(manifest["files"]) | {"manifest.json"}
+    for name in (
+        "report.json",
+        "log.jsonl",
+        "baseline/model.pt",
+        "vat/model.pt",
+        "vat/checkpoint-0000002.pt",
+        "plots/losses.png",
+    ):
+        assert name in manifest["files"], name
+    for name, entry in manifest["files"].items():
+        body = client.get_object(Bucket=BUCKET, Key=f"team/vat/runs/up-1/{name}")["Body"].read()
+        assert len(body) == entry["size"] and hashlib.sha256(body).hexdigest() == entry["sha256"], name
+        assert (local / name).read_bytes() == body, name
+    assert events(result.stdout)[-1]["event"] == "run_uploaded"
+    assert "testing-secret" not in result.stdout and "testing-secret" not in (local / "log.jsonl").read_text()
+
+
+def test_checkpoints_are_uploaded_as_training_goes(uploaded_run):
+    _, _, result = uploaded_run
+    names = [e["event"] for e in events(result.stdout)]
+    # Nothing is uploaded "as it goes" by the final upload alone: no checkpoint upload failed, and the final
+    # upload skipped the checkpoints (they were already there, same size and hash).
+    assert "checkpoint_upload_failed" not in names
+    final_uploads = [e["file"] for e in events(result.stdout) if e["event"] == "uploaded"]
+    assert not [f for f in final_uploads if "checkpoint" in f]
+
+
+def test_resume_from_the_bucket_after_the_local_folder_is_gone(uploaded_run, s3_server):
+    tmp, env, first = uploaded_run
+    report_before = json.loads((tmp / "runs/up-1/report.json").read_text())
+    shutil.rmtree(tmp / "runs")
+    again = run(env)
+    assert again.returncode == 0, again.stdout[-3000:]
+    seen = events(again.stdout)
+    assert [e["phase"] for e in seen if e["event"] == "resumed"] == ["baseline", "vat"]
+    assert not [e for e in seen if e["event"] == "training_started"], "nothing was trained again"
+    report_after = json.loads((tmp / "runs/up-1/report.json").read_text())
+    assert report_after["models"]["vat"]["mnist_test"] == report_before["models"]["vat"]["mnist_test"]
+
+
+def test_server_down_fails_fast_with_exit_4_before_training(tmp_path, mnist_dir, s3_server):
+    env = env_for(tmp_path, mnist_dir, s3_server, RUN_ID="down", S3_MAX_ATTEMPTS="2", S3_CONNECT_TIMEOUT_S="1")
+    env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{free_port()}"
+    result = run(env)
+    assert result.returncode == 4
+    last = events(result.stdout)[-1]
+    assert last["event"] == "storage_error" and "unreachable" in last["message"]
+    assert not [e for e in events(result.stdout) if e["event"] == "training_started"]
+
+
+def test_missing_bucket_is_exit_4_with_a_clear_message(tmp_path, mnist_dir, s3_server):
+    env = env_for(tmp_path, mnist_dir, s3_server, RUN_ID="nobucket", S3_BUCKET="no-such-bucket")
+    result = run(env)
+    assert result.returncode == 4
+    assert "bucket 'no-such-bucket' does not exist" in events(result.stdout)[-1]["message"]
+
+
+def test_wrong_credentials_are_exit_4_access_denied(tmp_path, mnist_dir):
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        env = job_env(tmp_path, mnist_dir, RUN_ID="badkeys", S3_BUCKET=BUCKET)
+        env.update(
+            AWS_ACCESS_KEY_ID="AKIAWRONGWRONGWRONG0",
+            AWS_SECRET_ACCESS_KEY="wrong",
+            AWS_DEFAULT_REGION="us-east-1",
+            AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
+        )
+        result = run(env)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    assert result.returncode == 4
+    message = events(result.stdout)[-1]["message"]
+    assert "access to bucket 'vat-results' denied" in message and "check the credentials" in message
+
+
+def test_upload_failure_after_training_keeps_local_artifacts_and_a_rerun_uploads_without_retraining(
+    tmp_path, mnist_dir, s3_server
+):
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{server._server.server_port}"
+    boto3.client(
+        "s3", endpoint_url=endpoint, aws_access_key_id="a", aws_secret_access_key="b", region_name="us-east-1"
+    ).create_bucket(Bucket=BUCKET)
+    env = env_for(
+        tmp_path,
+        mnist_dir,
+        s3_server,
+        RUN_ID="flaky",
+        S3_MAX_ATTEMPTS="2",
+        S3_CONNECT_TIMEOUT_S="1",
+        LOG_EVERY_S="0.01",
+        TRAIN_STEPS="30",
+        UNLABELED_BATCH_SIZE="64",
+    )
+    env["AWS_ENDPOINT_URL"] = endpoint
+    process = subprocess.Popen([sys.executable, "-m", "job"], env=env, stdout=subprocess.PIPE, text=True, cwd=REPO)
+    for line in process.stdout:
+        if json.loads(line)["event"] == "training_started":
+            server.stop()  # the storage goes away mid-run
+            break
+    rest = process.stdout.read()
+    assert process.wait(timeout=120) == 4
+    assert json.loads(rest.strip().splitlines()[-1])["event"] == "storage_error"
+    local = tmp_path / "runs" / "flaky"
+    assert (local / "report.json").is_file() and (local / "vat" / "model.pt").is_file()
+
+    env["AWS_ENDPOINT_URL"] = s3_server["endpoint"]
+    again = run(env)
+    assert again.returncode == 0, again.stdout[-2000:]
+    assert not [e for e in events(again.stdout) if e["event"] == "training_started"]
+    assert "manifest.json" in objects(s3_server["client"], "flaky")
+
+
+def test_sigterm_uploads_the_checkpoint_and_a_resume_from_the_bucket_matches(tmp_path, mnist_dir, s3_server):
+    steps = dict(BASELINE_STEPS="4", TRAIN_STEPS="40", CHECKPOINT_EVERY="1000", UNLABELED_BATCH_SIZE="64")
+    straight = run(job_env(tmp_path / "a", mnist_dir, RUN_ID="straight", **steps))
+    assert straight.returncode == 0
+    env = env_for(tmp_path / "b", mnist_dir, s3_server, RUN_ID="preempted", LOG_EVERY_S="0.01", **steps)
+    process = subprocess.Popen([sys.executable, "-m", "job"], env=env, stdout=subprocess.PIPE, text=True, cwd=REPO)
+    for line in process.stdout:
+        record = json.loads(line)
+        if record["event"] == "progress" and record["phase"] == "vat":
+            break
+    process.send_signal(signal.SIGTERM)
+    process.stdout.read()
+    assert process.wait(timeout=30) == 5
+    stored = objects(s3_server["client"], "preempted")
+    assert [name for name in stored if name.startswith("vat/checkpoint-")], "the SIGTERM checkpoint is in the bucket"
+    assert "manifest.json" not in stored, "an interrupted run has no manifest"
+    shutil.rmtree(tmp_path / "b" / "runs")  # the node is gone: resume from the bucket alone
+    resumed = run(env)
+    assert resumed.returncode == 0, resumed.stdout[-2000:]
+    a = json.loads((tmp_path / "a/runs/straight/report.json").read_text())["models"]
+    b = json.loads((tmp_path / "b/runs/preempted/report.json").read_text())["models"]
+    assert a["vat"]["mnist_test"]["confusion_matrix"] == b["vat"]["mnist_test"]["confusion_matrix"]
+
+
+def test_collect_lists_runs_with_status_metrics_and_seed_statistics(tmp_path, mnist_dir, s3_server, uploaded_run):
+    env = env_for(tmp_path, mnist_dir, s3_server, S3_PREFIX="sweep", BASELINE_STEPS="2", TRAIN_STEPS="2")
+    for seed in (1, 2):
+        assert run({**env, "VAT_RUN_ID": f"seed-{seed}", "VAT_LABEL_SPLIT_SEED": str(seed)}).returncode == 0
+    s3_server["client"].put_object(Bucket=BUCKET, Key="sweep/runs/broken/vat/checkpoint-0000002.pt", Body=b"x")
+
+    as_json = run(env, "collect", "--format", "json")
+    assert as_json.returncode == 0, as_json.stderr
+    data = json.loads(as_json.stdout)
+    status = {row["run_id"]: row["status"] for row in data["runs"]}
+    assert status == {"seed-1": "complete", "seed-2": "complete", "broken": "incomplete"}
+    group = next(g for g in data["configurations"] if g["runs"] == 2)
+    assert group["label_split_seeds"] == [1, 2]
+    values = [r["vat.mnist_test.accuracy"] for r in data["runs"] if r["run_id"].startswith("seed")]
+    assert group["vat.mnist_test.accuracy"]["mean"] == pytest.approx(sum(values) / 2)
+
+    table = run(env, "collect")
+    assert table.returncode == 0 and "seed-1" in table.stdout and "mean ± std" in table.stdout
+    assert "label_split_seed" in table.stdout.splitlines()[0], "settings that differ are columns"
+    csv_out = run(env, "collect", "--format", "csv")
+    assert csv_out.stdout.splitlines()[0].startswith("run_id,created_at,status")
+
+    fetched = run(env, "collect", "--run", "seed-1", "--download", str(tmp_path / "dl"))
+    assert fetched.returncode == 0
+    assert (tmp_path / "dl" / "seed-1" / "report.json").is_file()
+    assert (tmp_path / "dl" / "seed-1" / "manifest.json").is_file()
