@@ -380,7 +380,7 @@ def train_phase(
                 of=total,
                 steps_per_s=round(rate, 2),
                 eta_s=round((total - done) / rate, 1),
-                lr=lr_at(step, total, settings.lr, settings.lr_decay),
+                lr=float(f"{lr_at(step, total, settings.lr, settings.lr_decay):.3g}"),
                 **{k: round(v, 5) for k, v in losses.items()},
             )
             last_log, last_logged_step = now, done
