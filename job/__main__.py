@@ -51,12 +51,17 @@ def run_job(settings: Settings, stop: train.StopFlag, log: Any) -> dict[str, Any
     )
 
     hooks = train.Hooks(
-        log=log, on_corrupt=lambda path, error: log.warning("checkpoint_corrupt", path=str(path), error=str(error))
+        log=log,
+        on_corrupt=lambda path, error: log.warning("checkpoint_corrupt", path=str(path), error=str(error)),
+        on_checkpoint=lambda path: upload_as_training_goes(store, layout, path, log),
     )
-    results, models = {}, {}
-    for phase in ("baseline", "vat"):
-        result = train.train_phase(phase, settings, split, device, layout.phase(phase), stop, hooks)
-        results[phase] = result
+    # Both models train before either is evaluated: on the CPU, evaluation's allocations between the two
+    # would fragment the heap that the VAT updates reuse (0.43 -> 0.51 s per update).
+    results = {
+        phase: train.train_phase(phase, settings, split, device, layout.phase(phase), stop, hooks) for phase in PHASES
+    }
+    models = {}
+    for phase, result in results.items():
         models[phase] = {
             **evaluate.evaluate(result.model, split, settings.eval_batch_size),
             "steps": result.steps,
@@ -104,7 +109,7 @@ def run_job(settings: Settings, stop: train.StopFlag, log: Any) -> dict[str, Any
     )
     if store:
         logs.close_run_log()  # the log is complete: what follows goes to stdout only
-        manifest = store.upload_run(layout, on_event=log.debug)
+        manifest = store.upload_run(layout, on_event=log.info)
         log.info("run_uploaded", bucket=settings.s3_bucket, prefix=store.run_prefix, files=len(manifest["files"]))
     return summary
 
@@ -115,6 +120,7 @@ def upload_as_training_goes(store: storage.RunStore | None, layout: RunLayout, p
         return
     try:
         store.upload(path, path.relative_to(layout.root).as_posix())
+        log.info("checkpoint_uploaded", file=path.relative_to(layout.root).as_posix())
     except storage.StorageError as error:
         log.warning("checkpoint_upload_failed", path=str(path), error=str(error), kept_locally=True)
 

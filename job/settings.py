@@ -98,7 +98,7 @@ class Settings(BaseSettings):
     perturbed_bn: Literal["frozen", "update"] = "frozen"
     dropout_masks: Literal["shared", "independent"] = "shared"
     checkpoint_every: int = Field(default=500, ge=1)
-    eval_batch_size: int = Field(default=500, ge=1)
+    eval_batch_size: int = Field(default=250, ge=1)
 
     # Output.
     log_format: Literal["json", "console"] = "json"

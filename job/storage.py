@@ -117,6 +117,10 @@ class RunStore:
         if head["ContentLength"] != path.stat().st_size or head.get("Metadata", {}).get("sha256") != sha256:
             raise StorageError(f"upload of {relative} did not arrive intact (size or sha256 differs)")
 
+    def stored_sha256(self, relative: str) -> str | None:
+        head = self._call(self.client.head_object, Bucket=self.bucket, Key=self.key(relative))
+        return head.get("Metadata", {}).get("sha256")
+
     def remote_objects(self) -> dict[str, int]:
         """relative path -> size, for every object of this run."""
         found: dict[str, int] = {}
@@ -130,15 +134,13 @@ class RunStore:
     def upload_run(self, layout: RunLayout, on_event: Callable[..., None] = lambda event, **kw: None) -> dict:
         """Upload what the bucket lacks, then write and upload manifest.json last; return the manifest."""
         remote = self.remote_objects()
-        remote_manifest = self.fetch_json(MANIFEST) if MANIFEST in remote else {"files": {}}
         files = {}
         for path in sorted(local_files(layout)):
             relative = path.relative_to(layout.root).as_posix()
             size, sha = path.stat().st_size, sha256_file(path)
             files[relative] = {"size": size, "sha256": sha}
-            known = remote_manifest["files"].get(relative, {})
-            if remote.get(relative) == size and known.get("sha256") == sha:
-                continue
+            if remote.get(relative) == size and self.stored_sha256(relative) == sha:
+                continue  # already there, intact (uploaded as training went, or by an earlier attempt)
             self.upload(path, relative, sha)
             on_event("uploaded", file=relative, bytes=size)
         manifest = {"run_id": self.run_id, "files": files}

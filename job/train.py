@@ -17,6 +17,7 @@ VAT's noise, decided and measured (BENCHMARKS.md):
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import signal
 import threading
 import time
@@ -129,7 +130,34 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device("cuda")
 
 
+def reuse_freed_host_memory() -> bool:
+    """Make glibc keep freed blocks for reuse instead of returning every large one to the kernel.
+
+    PyTorch has no caching allocator on the CPU: each 55 MB activation is a fresh mmap whose pages the kernel
+    must fault in and zero, and that page-fault traffic was a third of a CPU update (0.62 -> 0.42 s/update).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl, macOS): nothing to tune
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    return all(
+        libc.mallopt(option, value)
+        for option, value in ((m_mmap_threshold, 2**31 - 1), (m_trim_threshold, 2**31 - 1), (m_top_pad, 1 << 28))
+    )
+
+
+def release_freed_host_memory() -> None:
+    """Hand the heap's free pages back to the kernel (between phases, so reuse does not inflate peak RSS)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def configure_backend(device: torch.device, deterministic: bool) -> None:
+    if device.type == "cpu":
+        reuse_freed_host_memory()
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not deterministic
         torch.backends.cudnn.deterministic = deterministic
@@ -395,6 +423,8 @@ def train_phase(
         save_final_model(trainer.model, folder / "model.pt", hooks)
     trainer.model.eval()
     hist = history.cpu()
+    if device.type == "cpu":
+        release_freed_host_memory()
     return PhaseResult(
         name=phase,
         model=trainer.model,

@@ -105,12 +105,13 @@ def test_every_artifact_arrives_intact_and_the_manifest_describes_them(uploaded_
 
 def test_checkpoints_are_uploaded_as_training_goes(uploaded_run):
     _, _, result = uploaded_run
-    names = [e["event"] for e in events(result.stdout)]
-    # Nothing is uploaded "as it goes" by the final upload alone: no checkpoint upload failed, and the final
-    # upload skipped the checkpoints (they were already there, same size and hash).
+    seen = events(result.stdout)
+    names = [e["event"] for e in seen]
+    during_training = [e["file"] for e in seen[: names.index("evaluated")] if e["event"] == "checkpoint_uploaded"]
+    assert "baseline/checkpoint-0000002.pt" in during_training and "vat/checkpoint-0000002.pt" in during_training
     assert "checkpoint_upload_failed" not in names
-    final_uploads = [e["file"] for e in events(result.stdout) if e["event"] == "uploaded"]
-    assert not [f for f in final_uploads if "checkpoint" in f]
+    final_uploads = [e["file"] for e in seen if e["event"] == "uploaded"]
+    assert final_uploads and not [f for f in final_uploads if "checkpoint" in f], "not uploaded twice"
 
 
 def test_resume_from_the_bucket_after_the_local_folder_is_gone(uploaded_run, s3_server):
@@ -226,8 +227,9 @@ def test_sigterm_uploads_the_checkpoint_and_a_resume_from_the_bucket_matches(tmp
         if record["event"] == "progress" and record["phase"] == "vat":
             break
     process.send_signal(signal.SIGTERM)
-    process.stdout.read()
+    rest = process.stdout.read()
     assert process.wait(timeout=30) == 5
+    assert "checkpoint_upload_failed" not in rest
     stored = objects(s3_server["client"], "preempted")
     assert [name for name in stored if name.startswith("vat/checkpoint-")], "the SIGTERM checkpoint is in the bucket"
     assert "manifest.json" not in stored, "an interrupted run has no manifest"
