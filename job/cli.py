@@ -16,7 +16,6 @@ import sys
 from collections.abc import Sequence
 
 from job import logs
-from job.data import DataError
 from job.settings import ConfigError, load_settings
 
 EXIT_OK = 0
@@ -60,6 +59,7 @@ def run() -> int:
 
     # Imported here so that `vat-job --help` and settings errors answer without loading torch.
     from job.__main__ import run_job
+    from job.data import DataError
     from job.storage import StorageError
     from job.train import Interrupted, ResumeMismatch, StopFlag
 

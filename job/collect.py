@@ -21,7 +21,7 @@ from typing import Any
 
 from job.layout import MANIFEST, REPORT
 from job.settings import ConfigError, load_settings
-from job.storage import RunStore, StorageError, list_run_ids, make_client
+from job.storage import RunStore, StorageError, client_from_settings, list_run_ids
 
 METRICS = [
     (m, t, k) for m in ("baseline", "vat") for t in ("seeded_test", "mnist_test") for k in ("accuracy", "macro_f1")
@@ -168,13 +168,7 @@ def main(argv: Sequence[str]) -> int:
     except ConfigError as error:
         print(f"vat-job collect: {error}", file=sys.stderr)
         return 2
-    client = make_client(
-        settings.s3_endpoint_url,
-        settings.s3_addressing_style,
-        settings.s3_checksums,
-        settings.s3_max_attempts,
-        settings.s3_connect_timeout_s,
-    )
+    client = client_from_settings(settings)
 
     def store_for(run_id: str) -> RunStore:
         return RunStore(client, settings.s3_bucket, settings.s3_prefix, run_id)

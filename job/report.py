@@ -16,8 +16,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from job.checkpoint import atomic_write_bytes  # noqa: E402
-from job.layout import RunLayout  # noqa: E402
+from job.layout import (
+    RunLayout,  # noqa: E402
+    atomic_write_bytes,  # noqa: E402
+)
 
 REPORT_VERSION = 1
 

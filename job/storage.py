@@ -21,7 +21,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from job.layout import MANIFEST, RunLayout
+from job.layout import MANIFEST, RunLayout, atomic_write_bytes
 
 MULTIPART_THRESHOLD = 8 * 1024 * 1024
 
@@ -31,11 +31,8 @@ class StorageError(Exception):
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def make_client(
@@ -175,8 +172,6 @@ def local_files(layout: RunLayout) -> Iterator[Path]:
 
 
 def write_manifest(layout: RunLayout, manifest: dict) -> None:
-    from job.checkpoint import atomic_write_bytes
-
     text = json.dumps(manifest, indent=2) + "\n"
     atomic_write_bytes(layout.manifest, lambda handle: handle.write(text.encode()))
 
@@ -193,15 +188,18 @@ def list_run_ids(client: Any, bucket: str, prefix: str) -> list[str]:
     return sorted(ids)
 
 
-def open_run_store(settings: Any) -> RunStore:
-    """The run's store from the settings, checked with a preflight (raises StorageError)."""
-    client = make_client(
+def client_from_settings(settings: Any) -> Any:
+    return make_client(
         settings.s3_endpoint_url,
         settings.s3_addressing_style,
         settings.s3_checksums,
         settings.s3_max_attempts,
         settings.s3_connect_timeout_s,
     )
-    store = RunStore(client, settings.s3_bucket, settings.s3_prefix, settings.run_id)
+
+
+def open_run_store(settings: Any) -> RunStore:
+    """The run's store from the settings, checked with a preflight (raises StorageError)."""
+    store = RunStore(client_from_settings(settings), settings.s3_bucket, settings.s3_prefix, settings.run_id)
     store.preflight()
     return store
