@@ -110,4 +110,5 @@ def test_model_matches_the_articles_layer_order_exactly():
     torch.testing.assert_close(ours(x, mask), expected)
     weights = [m.weight for m in ours.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     assert all(abs(float(w.detach().std()) - 0.02) < 0.005 for w in weights)
-    assert all(float(m.bias.detach().abs().sum()) == 0 for m in ArticleCNN().modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    layers = [m for m in ArticleCNN().modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert all(float(m.bias.detach().abs().sum()) == 0 for m in layers)
