@@ -267,3 +267,18 @@ def test_collect_lists_runs_with_status_metrics_and_seed_statistics(tmp_path, mn
     assert fetched.returncode == 0
     assert (tmp_path / "dl" / "seed-1" / "report.json").is_file()
     assert (tmp_path / "dl" / "seed-1" / "manifest.json").is_file()
+
+
+def test_large_files_go_multipart_and_arrive_intact(tmp_path, s3_server, monkeypatch):
+    from job.storage import MULTIPART_THRESHOLD, RunStore, make_client
+
+    for name, value in s3_server["env"].items():
+        monkeypatch.setenv(name, value)
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(MULTIPART_THRESHOLD + 1234567))
+    store = RunStore(make_client(), BUCKET, "team/vat", "multipart")
+    store.upload(big, "vat/big.bin")
+    head = s3_server["client"].head_object(Bucket=BUCKET, Key="team/vat/runs/multipart/vat/big.bin")
+    assert "-" in head["ETag"], "a multipart upload's ETag ends in -<parts>"
+    body = s3_server["client"].get_object(Bucket=BUCKET, Key="team/vat/runs/multipart/vat/big.bin")["Body"].read()
+    assert hashlib.sha256(body).hexdigest() == hashlib.sha256(big.read_bytes()).hexdigest()
