@@ -231,6 +231,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=settings.amp == "fp16")
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_losses: torch.Tensor | None = None
+        self.capture_error = ""  # why CUDA graph capture failed, if it did
+        self._first_step = 0  # the step this process started at (warm-up counts from here)
 
     # --- the two updates -------------------------------------------------------------------------
 
@@ -323,10 +325,6 @@ class Trainer:
                 self.use_graphs, self.capture_error = False, str(error).splitlines()[0]
                 torch.cuda.synchronize()
         return losses
-
-    capture_error = ""
-
-    _first_step = 0
 
     # --- checkpoints ---------------------------------------------------------------------------
 
