@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from job import data, evaluate, logs, report, storage, train
+from job import data, evaluate, logs, storage, train
 from job.layout import PHASES, RunLayout
 from job.settings import Settings
 
@@ -77,6 +77,8 @@ def run_job(settings: Settings, stop: train.StopFlag, log: Any) -> dict[str, Any
                 for m in ("accuracy", "macro_f1")
             },
         )
+
+    from job import report  # matplotlib is loaded only now: it need not sit in memory during training
 
     if settings.plots:
         labeled = split.labeled.cpu()
