@@ -391,8 +391,6 @@ def train_phase(
         history[step] = trainer.update(step)
         done = step + 1
         now = time.perf_counter()
-        if device.type == "cpu" and done % 100 == 0:
-            release_freed_host_memory()  # bounds heap growth from fragmentation (peak RSS), ~0.1 s per 100 updates
         if done % settings.checkpoint_every == 0 and done < total:
             checkpoint(done)
         if stop.is_set() and done < total:
