@@ -46,3 +46,23 @@ def job_env(tmp_path: Path, mnist_dir: Path, **settings) -> dict:
     )
     env.update({f"VAT_{k.upper()}": str(v) for k, v in settings.items()})
     return env
+
+
+def sigterm_during_vat(env: dict) -> tuple[int, str, float]:
+    """Start the job, send SIGTERM once VAT is under way; return (exit code, the rest of stdout, seconds to exit)."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    process = subprocess.Popen([sys.executable, "-m", "job"], env=env, stdout=subprocess.PIPE, text=True, cwd=REPO)
+    for line in process.stdout:
+        record = json.loads(line)
+        if record["event"] == "progress" and record["phase"] == "vat":
+            break
+    sent = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    rest = process.stdout.read()
+    code = process.wait(timeout=30)
+    return code, rest, time.monotonic() - sent

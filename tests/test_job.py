@@ -1,15 +1,13 @@
 """The whole job as users run it: `python -m job` in a subprocess, a few steps on CPU."""
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, job_env
+from tests.conftest import REPO, job_env, sigterm_during_vat
 
 REQUIRED_LOG_KEYS = {"timestamp", "level", "event", "run_id"}
 
@@ -92,16 +90,8 @@ def test_sigterm_checkpoints_exits_5_and_the_resumed_run_matches_an_uninterrupte
     assert straight.returncode == 0, straight.stdout[-2000:]
 
     env = job_env(tmp_path / "b", mnist_dir, RUN_ID="resumed", LOG_EVERY_S="0.01", **steps)
-    process = subprocess.Popen([sys.executable, "-m", "job"], env=env, stdout=subprocess.PIPE, text=True, cwd=REPO)
-    for line in process.stdout:  # wait until VAT is under way
-        record = json.loads(line)
-        if record["event"] == "progress" and record["phase"] == "vat":
-            break
-    sent = time.monotonic()
-    process.send_signal(signal.SIGTERM)
-    rest = process.stdout.read()
-    assert process.wait(timeout=30) == 5
-    assert time.monotonic() - sent < 30
+    code, rest, seconds = sigterm_during_vat(env)
+    assert code == 5 and seconds < 30
     interrupted = json_lines(rest)[-1]
     assert interrupted["event"] == "interrupted" and interrupted["signal"] == "SIGTERM"
     assert Path(interrupted["checkpoint"]).is_file() and 0 < interrupted["step"] < 40

@@ -4,7 +4,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import time
 import boto3
 import pytest
 
-from tests.conftest import REPO, job_env
+from tests.conftest import REPO, job_env, sigterm_during_vat
 
 BUCKET = "vat-results"
 
@@ -221,14 +220,8 @@ def test_sigterm_uploads_the_checkpoint_and_a_resume_from_the_bucket_matches(tmp
     straight = run(job_env(tmp_path / "a", mnist_dir, RUN_ID="straight", **steps))
     assert straight.returncode == 0
     env = env_for(tmp_path / "b", mnist_dir, s3_server, RUN_ID="preempted", LOG_EVERY_S="0.01", **steps)
-    process = subprocess.Popen([sys.executable, "-m", "job"], env=env, stdout=subprocess.PIPE, text=True, cwd=REPO)
-    for line in process.stdout:
-        record = json.loads(line)
-        if record["event"] == "progress" and record["phase"] == "vat":
-            break
-    process.send_signal(signal.SIGTERM)
-    rest = process.stdout.read()
-    assert process.wait(timeout=30) == 5
+    code, rest, _ = sigterm_during_vat(env)
+    assert code == 5
     assert "checkpoint_upload_failed" not in rest
     stored = objects(s3_server["client"], "preempted")
     assert [name for name in stored if name.startswith("vat/checkpoint-")], "the SIGTERM checkpoint is in the bucket"
