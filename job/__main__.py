@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from job import data, evaluate, logs, storage, train
-from job.layout import PHASES, RunLayout
+from job.layout import PHASES, RunLayout, write_json
 from job.settings import Settings
 
 
@@ -101,7 +101,7 @@ def run_job(settings: Settings, stop: train.StopFlag, log: Any) -> dict[str, Any
     summary = report.build_report(
         settings.run_id, settings.public_dict(), report.environment(device), split_info, models, timings
     )
-    report.write_json(layout.report, summary)
+    write_json(layout.report, summary)
     log.info(
         "run_finished",
         report=str(layout.report),
@@ -120,9 +120,10 @@ def upload_as_training_goes(store: storage.RunStore | None, layout: RunLayout, p
     """Checkpoints reach the bucket as they are written; a failed upload is retried by the final upload."""
     if store is None:
         return
+    relative = path.relative_to(layout.root).as_posix()
     try:
-        store.upload(path, path.relative_to(layout.root).as_posix())
-        log.info("checkpoint_uploaded", file=path.relative_to(layout.root).as_posix())
+        store.upload(path, relative)
+        log.info("checkpoint_uploaded", file=relative)
     except storage.StorageError as error:
         log.warning("checkpoint_upload_failed", path=str(path), error=str(error), kept_locally=True)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
 import shutil
 import tempfile
@@ -18,6 +17,8 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 from torchvision.datasets.mnist import read_image_file, read_label_file
+
+from job.layout import sha256_of
 
 # SHA256 of the four uncompressed files, as torchvision's mirrors serve them (gzipped).
 MNIST_SHA256: dict[str, str] = {
@@ -37,11 +38,6 @@ class DataError(Exception):
 def raw_dir(data_dir: Path) -> Path:
     """torchvision's layout: <data_dir>/MNIST/raw/*-ubyte."""
     return Path(data_dir) / "MNIST" / "raw"
-
-
-def sha256_of(path: Path) -> str:
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def ensure_mnist(

@@ -9,12 +9,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 PHASES = ("baseline", "vat")
 REPORT = "report.json"
@@ -68,3 +70,13 @@ def atomic_write_bytes(path: Path, write: Callable[[BinaryIO], object]) -> None:
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+
+
+def write_json(path: Path, payload: Any) -> None:
+    text = json.dumps(payload, indent=2) + "\n"
+    atomic_write_bytes(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def sha256_of(path: Path) -> str:
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()

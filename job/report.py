@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import platform
 from datetime import UTC, datetime
 from importlib import metadata
@@ -50,11 +49,6 @@ def environment(device: torch.device) -> dict[str, Any]:
         "cpu_threads": torch.get_num_threads(),
     }
     return info
-
-
-def write_json(path: Path, payload: Any) -> None:
-    text = json.dumps(payload, indent=2, sort_keys=False) + "\n"
-    atomic_write_bytes(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
 def build_report(

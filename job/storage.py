@@ -8,7 +8,6 @@ profiles, instance roles...), never from VAT_* settings, and are never logged.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -21,18 +20,13 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from job.layout import MANIFEST, RunLayout, atomic_write_bytes
+from job.layout import MANIFEST, RunLayout, sha256_of, write_json
 
 MULTIPART_THRESHOLD = 8 * 1024 * 1024
 
 
 class StorageError(Exception):
     """The bucket is unreachable, missing, or access is denied; the message says which and what to check."""
-
-
-def sha256_file(path: Path) -> str:
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def make_client(
@@ -70,6 +64,11 @@ def _describe(error: Exception, bucket: str) -> str:
     return f"object storage unreachable ({type(error).__name__}): check AWS_ENDPOINT_URL / VAT_S3_ENDPOINT_URL"
 
 
+def runs_root(prefix: str) -> str:
+    """The key prefix under which every run has its folder."""
+    return f"{prefix}/runs/" if prefix else "runs/"
+
+
 @dataclass
 class RunStore:
     """One run's objects in the bucket."""
@@ -81,7 +80,7 @@ class RunStore:
 
     @property
     def run_prefix(self) -> str:
-        return f"{self.prefix}/runs/{self.run_id}/" if self.prefix else f"runs/{self.run_id}/"
+        return f"{runs_root(self.prefix)}{self.run_id}/"
 
     def key(self, relative: str) -> str:
         return self.run_prefix + relative
@@ -101,7 +100,7 @@ class RunStore:
 
     def upload(self, path: Path, relative: str, sha256: str | None = None) -> None:
         """Upload one file (multipart above 8 MiB) and check that the stored size matches."""
-        sha256 = sha256 or sha256_file(path)
+        sha256 = sha256 or sha256_of(path)
         self._call(
             self.client.upload_file,
             str(path),
@@ -110,13 +109,14 @@ class RunStore:
             ExtraArgs={"Metadata": {"sha256": sha256}},
             Config=TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD),
         )
-        head = self._call(self.client.head_object, Bucket=self.bucket, Key=self.key(relative))
-        if head["ContentLength"] != path.stat().st_size or head.get("Metadata", {}).get("sha256") != sha256:
+        size, stored_sha256 = self.stored(relative)
+        if size != path.stat().st_size or stored_sha256 != sha256:
             raise StorageError(f"upload of {relative} did not arrive intact (size or sha256 differs)")
 
-    def stored_sha256(self, relative: str) -> str | None:
+    def stored(self, relative: str) -> tuple[int, str | None]:
+        """Size and the sha256 recorded at upload of one object."""
         head = self._call(self.client.head_object, Bucket=self.bucket, Key=self.key(relative))
-        return head.get("Metadata", {}).get("sha256")
+        return head["ContentLength"], head.get("Metadata", {}).get("sha256")
 
     def remote_objects(self) -> dict[str, int]:
         """relative path -> size, for every object of this run."""
@@ -134,14 +134,14 @@ class RunStore:
         files = {}
         for path in sorted(local_files(layout)):
             relative = path.relative_to(layout.root).as_posix()
-            size, sha = path.stat().st_size, sha256_file(path)
+            size, sha = path.stat().st_size, sha256_of(path)
             files[relative] = {"size": size, "sha256": sha}
-            if remote.get(relative) == size and self.stored_sha256(relative) == sha:
+            if remote.get(relative) == size and self.stored(relative) == (size, sha):
                 continue  # already there, intact (uploaded as training went, or by an earlier attempt)
             self.upload(path, relative, sha)
             on_event("uploaded", file=relative, bytes=size)
         manifest = {"run_id": self.run_id, "files": files}
-        write_manifest(layout, manifest)
+        write_json(layout.manifest, manifest)
         self.upload(layout.manifest, MANIFEST)
         return manifest
 
@@ -171,13 +171,8 @@ def local_files(layout: RunLayout) -> Iterator[Path]:
             yield path
 
 
-def write_manifest(layout: RunLayout, manifest: dict) -> None:
-    text = json.dumps(manifest, indent=2) + "\n"
-    atomic_write_bytes(layout.manifest, lambda handle: handle.write(text.encode()))
-
-
 def list_run_ids(client: Any, bucket: str, prefix: str) -> list[str]:
-    root = f"{prefix}/runs/" if prefix else "runs/"
+    root = runs_root(prefix)
     paginator = client.get_paginator("list_objects_v2")
     ids = []
     try:
