@@ -19,6 +19,16 @@ if [ "${SMOKE:-0}" = 1 ]; then
 else
   scale=1; steps=""; extra=""
 fi
+# sweep N HARD_TIMEOUT_S DEADLINE_S: run /tmp/planN.json in 4 workers into $out/sweepN.jsonl
+sweep() {
+  for w in 0 1 2 3; do
+    timeout "$2" python3 bench/sweep.py --plan /tmp/plan$1.json --out "$out/sweep$1.jsonl" --data-dir $data \
+      --deadline-s "$3" --worker $w --workers 4 > "$out/sweep$1_worker$w.log" 2>&1 &
+  done
+  wait
+  echo "sweep$1 done $(( $(date +%s) - t0 ))s"; cut -c1-400 "$out/sweep$1.jsonl"
+}
+
 t0=$(date +%s)
 timeout 130 python3 bench/bench.py --data-dir $data --profile-steps 20 $steps > "$out/bench_default.txt" 2>&1
 echo "bench default rc=$? $(( $(date +%s) - t0 ))s"; head -14 "$out/bench_default.txt"
@@ -53,12 +63,7 @@ for name, s in entries:
     plan.append({"name": name, "phase": "vat", "settings": s})
 print(json.dumps(plan))
 EOF
-for w in 0 1 2 3; do
-  timeout 250 python3 bench/sweep.py --plan /tmp/plan1.json --out "$out/sweep1.jsonl" --data-dir $data \
-    --deadline-s 170 --worker $w --workers 4 > "$out/sweep1_worker$w.log" 2>&1 &
-done
-wait
-echo "sweep1 done $(( $(date +%s) - t0 ))s"; cat "$out/sweep1.jsonl" | cut -c1-400
+sweep 1 250 170
 
 python3 - "$out/sweep1.jsonl" "$scale" > /tmp/plan2.json <<EOF
 import json, sys
@@ -75,9 +80,4 @@ for n in (500, 5000):
     plan.append({"name": f"best={best['name']}_unlabeled{n}", "phase": "vat", "settings": {**best["settings"], "num_unlabeled": n, "unlabeled_batch_size": min(n, best["settings"].get("unlabeled_batch_size", 512))}})
 print(json.dumps(plan))
 EOF
-for w in 0 1 2 3; do
-  timeout 130 python3 bench/sweep.py --plan /tmp/plan2.json --out "$out/sweep2.jsonl" --data-dir $data \
-    --deadline-s 70 --worker $w --workers 4 > "$out/sweep2_worker$w.log" 2>&1 &
-done
-wait
-echo "sweep2 done $(( $(date +%s) - t0 ))s"; cat "$out/sweep2.jsonl" | cut -c1-400
+sweep 2 130 70
