@@ -35,10 +35,12 @@ class ArticleCNN(nn.Module):
                 nn.init.normal_(module.weight, 0.0, 0.02)
                 nn.init.zeros_(module.bias)
 
-    def dropout_mask(self, batch_size: int, like: torch.Tensor) -> torch.Tensor:
-        """A scaled Bernoulli mask for the hidden layer, as nn.Dropout(0.5) would draw it."""
-        keep = torch.empty(batch_size, HIDDEN, device=like.device, dtype=like.dtype).bernoulli_(1 - DROPOUT_P)
-        return keep.div_(1 - DROPOUT_P)
+    def dropout_mask(self, batch_size: int, like: torch.Tensor, p: float = DROPOUT_P) -> torch.Tensor:
+        """A scaled Bernoulli mask for the hidden layer, as nn.Dropout(p) would draw it (p=0: keep everything)."""
+        if p == 0.0:
+            return torch.ones(batch_size, HIDDEN, device=like.device, dtype=like.dtype)
+        keep = torch.empty(batch_size, HIDDEN, device=like.device, dtype=like.dtype).bernoulli_(1 - p)
+        return keep.div_(1 - p)
 
     def forward(self, x: torch.Tensor, dropout_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = F.relu(F.max_pool2d(self.bn1(self.conv1(x)), 2))

@@ -31,8 +31,10 @@ ARTICLE_PRESET: dict[str, Any] = {
     "xi": 1e-6,
     "power_iterations": 1,
     "entmin_weight": 0.0,
+    "entmin_rampup_steps": 0,
     "perturbed_bn": "update",
     "dropout_masks": "independent",
+    "bn_reestimate": False,
 }
 
 UNKNOWN_SETTING = "unknown setting (a typo?); the settings are listed in .env.example"
@@ -95,8 +97,10 @@ class Settings(BaseSettings):
     power_iterations: int = Field(default=1, ge=1, le=10)
     vat_weight: float = Field(default=1.0, ge=0)
     entmin_weight: float = Field(default=0.0, ge=0)
+    entmin_rampup_steps: int = Field(default=0, ge=0)
     perturbed_bn: Literal["frozen", "update"] = "frozen"
-    dropout_masks: Literal["shared", "independent"] = "shared"
+    dropout_masks: Literal["shared", "independent", "none"] = "shared"
+    bn_reestimate: bool = False
     checkpoint_every: int = Field(default=500, ge=1)
     eval_batch_size: int = Field(default=250, ge=1)
 

@@ -1,6 +1,6 @@
 """The two training loops (labelled-only baseline, then VAT), with AMP, checkpoints, resume and stop-on-signal.
 
-One loop serves both models; only the update differs (`baseline_update`, `vat_update`). Batches are
+One loop serves both models; only the update differs (`baseline_losses`, `vat_losses`). Batches are
 drawn on the training device from the uint8 images already there. All training randomness (batches,
 dropout masks, VAT directions) comes from the device's default generator, whose state every checkpoint
 keeps, so a resumed run continues exactly where it stopped.
@@ -10,6 +10,7 @@ VAT's noise, decided and measured (BENCHMARKS.md):
   `perturbed_bn="frozen"`, leave the running statistics alone (the article lets them update them).
 - Dropout: with `dropout_masks="shared"` the clean and perturbed passes use one mask, so the power
   iteration measures the effect of the perturbation, not of a different mask (the article draws anew).
+- Dropout, `dropout_masks="none"`: the unlabelled passes run without dropout (the labelled pass keeps it).
 - Mixed precision: the clean target and the power iteration run in float32 with TF32 off, because a
   perturbation of norm xi=1e-6 is rounded away in half precision; the other passes use autocast.
 """
@@ -66,8 +67,10 @@ TRAINING_FIELDS = {
         "power_iterations",
         "vat_weight",
         "entmin_weight",
+        "entmin_rampup_steps",
         "perturbed_bn",
         "dropout_masks",
+        "bn_reestimate",
     ),
 }
 
@@ -130,41 +133,62 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device("cuda")
 
 
-def reuse_freed_host_memory() -> bool:
-    """Make glibc keep freed blocks for reuse instead of returning every large one to the kernel.
+@contextlib.contextmanager
+def host_memory_reused(device: torch.device) -> Iterator[None]:
+    """While training on the CPU, make glibc keep freed blocks for reuse instead of returning them to the kernel.
 
-    PyTorch has no caching allocator on the CPU: each 55 MB activation is a fresh mmap whose pages the kernel
-    must fault in and zero, and that page-fault traffic was a third of a CPU update (0.62 -> 0.42 s/update).
+    PyTorch has no caching allocator on the CPU: each 55 MB activation was a fresh mmap whose pages the kernel
+    had to fault in and zero, a third of a CPU update (0.62 -> 0.42 s/update). Afterwards glibc's defaults come
+    back and the heap is trimmed: the kept blocks would otherwise be scattered over by evaluation and plotting
+    and raise the peak resident memory by a few hundred MB (BENCHMARKS.md).
     """
+    libc = _glibc() if device.type == "cpu" else None
+    if libc is None:
+        yield
+        return
+    _mallopt(libc, mmap_threshold=2**31 - 1, trim_threshold=2**31 - 1, top_pad=1 << 28)
+    try:
+        yield
+    finally:
+        _mallopt(libc, mmap_threshold=128 * 1024, trim_threshold=128 * 1024, top_pad=0)  # glibc's defaults
+        libc.malloc_trim(0)
+
+
+def _glibc() -> ctypes.CDLL | None:
     try:
         libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
     except OSError:  # not glibc (musl, macOS): nothing to tune
-        return False
+        return None
+
+
+def _mallopt(libc: ctypes.CDLL, *, mmap_threshold: int, trim_threshold: int, top_pad: int) -> None:
     m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-    return all(
+    for option, value in ((m_mmap_threshold, mmap_threshold), (m_trim_threshold, trim_threshold), (m_top_pad, top_pad)):
         libc.mallopt(option, value)
-        for option, value in ((m_mmap_threshold, 2**31 - 1), (m_trim_threshold, 2**31 - 1), (m_top_pad, 1 << 28))
-    )
 
 
-def release_freed_host_memory() -> None:
-    """Hand the heap's free pages back to the kernel (between phases, so reuse does not inflate peak RSS)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+def set_deterministic_algorithms() -> None:
+    """`torch.use_deterministic_algorithms(True)` without its import of torch._inductor's config.
+
+    That import (for a compiler the job does not use) loads ~900 modules: 2 s and 148 MB of resident memory
+    on the CPU, a tenth of the job's peak (BENCHMARKS.md). The flag itself lives in torch._C.
+    """
+    setter = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if setter is None:  # a torch without the private setter: pay for the import
+        torch.use_deterministic_algorithms(True)
+    else:
+        setter(True, warn_only=False)
 
 
 def configure_backend(device: torch.device, deterministic: bool) -> None:
-    if device.type == "cpu":
-        reuse_freed_host_memory()
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not deterministic
         torch.backends.cudnn.deterministic = deterministic
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     elif deterministic:
-        torch.use_deterministic_algorithms(True)
+        set_deterministic_algorithms()
         # Deterministic mode also fills every new tensor with NaN (to expose reads of uninitialised memory):
         # a fifth of a CPU update. Our kernels write all they allocate, so skip that.
         torch.utils.deterministic.fill_uninitialized_memory = False
@@ -214,6 +238,12 @@ def lr_at(step: int, total: int, lr: float, decay: str) -> float:
     return lr * (1.0 - step / total) if decay == "linear" else lr
 
 
+def entmin_weight_at(step: int, weight: float, rampup_steps: int) -> float:
+    """EntMin's weight: rising linearly over the first `rampup_steps` updates, so that it sharpens predictions
+    once VAT has made them mostly right (at full weight from the start it can merge two classes)."""
+    return weight * min(1.0, step / rampup_steps) if rampup_steps else weight
+
+
 class Trainer:
     """Holds a phase's model, optimiser and data; `update()` performs one training step and returns its losses."""
 
@@ -228,6 +258,8 @@ class Trainer:
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=lr, **({"fused": True, "capturable": True} if self.use_graphs else {})
         )
+        # Scalars that change from update to update live on the device under CUDA graphs (a replay reads them).
+        self.entmin_scale: float | torch.Tensor = torch.zeros((), device=device) if self.use_graphs else 0.0
         self.scaler = torch.amp.GradScaler(device.type, enabled=settings.amp == "fp16")
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_losses: torch.Tensor | None = None
@@ -245,16 +277,24 @@ class Trainer:
     def baseline_losses(self) -> torch.Tensor:
         ce = self._labeled_loss()
         zero = torch.zeros((), device=self.device)
-        self._backward_and_step(ce)
+        self._backward(ce)
+        self._step()
         return torch.stack([ce.detach(), zero, zero])
 
     def vat_losses(self) -> torch.Tensor:
         s, model = self.s, self.model
+        # Each term is backpropagated as soon as it exists (the gradients add up the same way), so no graph
+        # waits in memory while the next one is built (lower peak memory, BENCHMARKS.md).
         ce = self._labeled_loss()
+        self._backward(ce)
         xu = as_float_batch(
             self.data.train_images[draw(self.data.unlabeled, s.unlabeled_batch_size)], channels_last=True
         )
-        mask = model.dropout_mask(len(xu), xu) if s.dropout_masks == "shared" else None
+        mask = {
+            "shared": lambda: model.dropout_mask(len(xu), xu),
+            "none": lambda: model.dropout_mask(len(xu), xu, p=0.0),
+            "independent": lambda: None,
+        }[s.dropout_masks]()
 
         def forward(z: torch.Tensor) -> torch.Tensor:
             with autocast(self.device, s.amp):
@@ -266,7 +306,11 @@ class Trainer:
 
         with full_precision(self.device), torch.set_grad_enabled(s.entmin_weight > 0):
             clean_logits = model(xu, mask)
-        entropy = entropy_with_logits(clean_logits) if s.entmin_weight > 0 else torch.zeros((), device=self.device)
+        if s.entmin_weight > 0:
+            entropy = entropy_with_logits(clean_logits)
+            self._backward(self.entmin_scale * entropy)
+        else:
+            entropy = torch.zeros((), device=self.device)
         with running_stats_frozen(model, s.perturbed_bn == "frozen"):
             lds = lds_loss(
                 forward,
@@ -277,11 +321,14 @@ class Trainer:
                 power_iterations=s.power_iterations,
                 power_forward=power_forward,
             )
-        self._backward_and_step(ce + s.vat_weight * lds + s.entmin_weight * entropy)
+        self._backward(s.vat_weight * lds)
+        self._step()
         return torch.stack([ce.detach(), lds.detach(), entropy.detach()])
 
-    def _backward_and_step(self, loss: torch.Tensor) -> None:
+    def _backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
+
+    def _step(self) -> None:
         self.scaler.step(self.optimizer)
         self.scaler.update()
 
@@ -294,6 +341,11 @@ class Trainer:
                 group["lr"].fill_(lr)
             else:
                 group["lr"] = lr
+        entmin = entmin_weight_at(step, self.s.entmin_weight, self.s.entmin_rampup_steps)
+        if isinstance(self.entmin_scale, torch.Tensor):
+            self.entmin_scale.fill_(entmin)
+        else:
+            self.entmin_scale = entmin
         compute = self.baseline_losses if self.phase == "baseline" else self.vat_losses
         if not self.use_graphs:
             self.optimizer.zero_grad(set_to_none=True)
@@ -364,6 +416,13 @@ def train_phase(
     phase: str, settings: Any, data: MnistSplit, device: torch.device, folder: Path, stop: StopFlag, hooks: Hooks
 ) -> PhaseResult:
     """Train one model to its step budget, resuming from the newest intact checkpoint in `folder`."""
+    with host_memory_reused(device):
+        return _train_phase(phase, settings, data, device, folder, stop, hooks)
+
+
+def _train_phase(
+    phase: str, settings: Any, data: MnistSplit, device: torch.device, folder: Path, stop: StopFlag, hooks: Hooks
+) -> PhaseResult:
     trainer = Trainer(phase, settings, data, device)
     total, log = trainer.total_steps, hooks.log
     history = torch.zeros(total, len(LOSS_NAMES), device=device)
@@ -414,6 +473,9 @@ def train_phase(
         torch.cuda.synchronize()
     if trainer.capture_error:
         log.warning("cuda_graph_capture_failed", phase=phase, error=trainer.capture_error, fallback="eager updates")
+    if phase == "vat" and settings.bn_reestimate and start < total:
+        reestimate_batchnorm(trainer.model, data, settings.unlabeled_batch_size)
+        log.info("batchnorm_reestimated", phase=phase, images=len(data.unlabeled))
     seconds += time.perf_counter() - began
     if start < total:
         checkpoint(total)
@@ -421,8 +483,6 @@ def train_phase(
         save_final_model(trainer.model, folder / "model.pt", hooks)
     trainer.model.eval()
     hist = history.cpu()
-    if device.type == "cpu":
-        release_freed_host_memory()
     return PhaseResult(
         name=phase,
         model=trainer.model,
@@ -431,6 +491,16 @@ def train_phase(
         history={name: hist[:, i].tolist() for i, name in enumerate(LOSS_NAMES)},
         resumed_from=resumed_from,
     )
+
+
+def reestimate_batchnorm(model: nn.Module, data: MnistSplit, batch_size: int) -> None:
+    """Replace BatchNorm's running statistics (an exponential average over the last updates, which mixed
+    labelled and unlabelled batches) by their average over all clean unlabelled images under the final weights."""
+    images = data.train_images[data.unlabeled]
+    batches = (
+        as_float_batch(images[i : i + batch_size], channels_last=True) for i in range(0, len(images), batch_size)
+    )
+    torch.optim.swa_utils.update_bn(batches, model)
 
 
 def save_final_model(model: nn.Module, path: Path, hooks: Hooks) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from job.data import DataError, ensure_mnist, load_mnist, raw_dir, seeded_split
+from job.data import DataError, ensure_mnist, load_mnist, raw_dir, read_idx, seeded_split
 
 ARTICLE_CLASS_COUNTS = [11, 10, 10, 10, 9, 8, 10, 11, 10, 11]
 
@@ -214,4 +214,35 @@ def test_unreadable_idx_is_a_data_error(tmp_path):
     for name, content in TINY.items():
         (folder / name).write_bytes(content)
     with pytest.raises(DataError, match="training images, expected 60000"):
+        load_mnist(folder, 42, 1, 100)
+
+
+def test_idx_reader_matches_torchvisions_on_real_mnist(mnist_dir):
+    from torchvision.datasets.mnist import read_image_file, read_label_file
+
+    folder = raw_dir(mnist_dir)
+    for name, dims, reference in (
+        ("t10k-images-idx3-ubyte", 3, read_image_file),
+        ("t10k-labels-idx1-ubyte", 1, read_label_file),
+    ):
+        ours = read_idx(folder / name, dims)
+        assert ours.dtype == torch.uint8 and torch.equal(ours.long(), reference(str(folder / name)).long())
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (TINY["train-images-idx3-ubyte"][:-1], "size does not match"),
+        (TINY["train-images-idx3-ubyte"] + b"\0", "size does not match"),
+        (TINY["train-labels-idx1-ubyte"], "not an IDX file of 3-dimensional"),
+        (b"\0\0", "not an IDX file"),
+    ],
+)
+def test_idx_reader_refuses_truncated_padded_or_foreign_files(tmp_path, content, problem):
+    folder = raw_dir(tmp_path)
+    folder.mkdir(parents=True)
+    for name, good in TINY.items():
+        (folder / name).write_bytes(good)
+    (folder / "train-images-idx3-ubyte").write_bytes(content)
+    with pytest.raises(DataError, match=problem):
         load_mnist(folder, 42, 1, 100)

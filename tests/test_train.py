@@ -1,3 +1,4 @@
+import dataclasses
 import os
 import pickle
 
@@ -143,3 +144,44 @@ def test_atomic_save_leaves_old_file_when_writing_fails(tmp_path):
         save_checkpoint(path, {"model": lambda: None, "step": 3})  # not picklable
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == [path.name], "no temporary file left behind"
+
+
+def test_entmin_weight_ramps_up_linearly_and_a_resumed_run_continues_the_ramp(mnist_split, tmp_path):
+    from job.train import entmin_weight_at
+
+    assert [entmin_weight_at(step, 0.5, 4) for step in (0, 1, 2, 4, 9)] == [0.0, 0.125, 0.25, 0.5, 0.5]
+    assert entmin_weight_at(0, 0.5, 0) == 0.5
+    s = small_settings(entmin_weight=1.0, entmin_rampup_steps=4, checkpoint_every=100)
+    straight = run_phase("vat", s, mnist_split, tmp_path / "straight")
+    with pytest.raises(Interrupted):
+        run_phase("vat", s, mnist_split, tmp_path / "resumed", stop=StopAfter(3))
+    resumed = run_phase("vat", s, mnist_split, tmp_path / "resumed")
+    assert_same_weights(weights(straight.model), weights(resumed.model))
+    unramped = run_phase("vat", small_settings(entmin_weight=1.0), mnist_split, tmp_path / "unramped")
+    assert not torch.equal(unramped.model.fc2.weight, straight.model.fc2.weight), "the ramp changes the updates"
+
+
+def test_without_dropout_the_unlabelled_passes_are_deterministic_given_the_batch(mnist_split):
+    trainer = Trainer("vat", small_settings(dropout_masks="none"), mnist_split, CPU)
+    model = trainer.model.train()
+    x = torch.rand(8, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    keep_all = model.dropout_mask(8, x, p=0.0)
+    assert torch.equal(keep_all, torch.ones(8, 100))
+    assert torch.equal(model(x, keep_all), model(x, keep_all))
+    assert not torch.equal(model(x), model(x)), "the default mask drops units"
+    assert torch.isfinite(trainer.update(0)).all()
+
+
+def test_batchnorm_reestimation_gives_the_average_statistics_of_the_unlabelled_images(mnist_split, tmp_path):
+    from job.data import as_float_batch
+
+    split = dataclasses.replace(mnist_split, unlabeled=mnist_split.unlabeled[:256])
+    s = small_settings(bn_reestimate=True, num_unlabeled=256, unlabeled_batch_size=32, train_steps=2)
+    model = run_phase("vat", s, split, tmp_path).model
+    images = as_float_batch(split.train_images[split.unlabeled], channels_last=True)
+    with torch.no_grad():
+        conv1 = model.conv1(images)
+    # With equal batches the average of the batch means is the mean over all images.
+    torch.testing.assert_close(model.bn1.running_mean, conv1.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+    saved = load_checkpoint(tmp_path / "checkpoint-0000002.pt")["model"]["bn1.running_mean"]
+    assert torch.equal(saved, model.bn1.running_mean), "the final checkpoint holds the re-estimated statistics"
