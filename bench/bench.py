@@ -86,6 +86,7 @@ def main() -> None:
         ("device", f"{env['device']} ({env['device_name']})"),
         ("torch", env["versions"]["torch"]),
         ("settings", " ".join(f"{k}={v}" for k, v in settings.items()) or "defaults"),
+        ("start-up (process start to job start: imports)", f"{timings.get('startup') or 0:.2f} s"),
         ("data preparation", f"{timings['data']:.2f} s"),
         ("baseline", f"{base['steps']} updates, {1000 * base['train_seconds'] / max(base['steps'], 1):.2f} ms/update"),
         ("VAT", f"{vat['steps']} updates, {1000 * vat['train_seconds'] / max(vat['steps'], 1):.2f} ms/update"),

@@ -6,9 +6,11 @@ errors to exit codes, and calls `run_job` below.
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +22,7 @@ from job.settings import Settings
 
 def run_job(settings: Settings, stop: train.StopFlag, log: Any) -> dict[str, Any]:
     began = time.perf_counter()
+    startup_seconds = seconds_since_process_start()  # Python, torch and the job's imports
     device = train.resolve_device(settings.device)
     train.configure_backend(device, settings.deterministic)
     layout = RunLayout.of(settings.output_dir, settings.run_id)
@@ -86,6 +89,7 @@ def run_job(settings: Settings, stop: train.StopFlag, log: Any) -> dict[str, Any
         report.plot_losses(layout, {name: r.history for name, r in results.items()})
         report.plot_confusion_matrices(layout, models)
     timings = {
+        "startup": startup_seconds,
         "data": round(data_seconds, 3),
         "total": round(time.perf_counter() - began, 3),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -114,6 +118,16 @@ def run_job(settings: Settings, stop: train.StopFlag, log: Any) -> dict[str, Any
         manifest = store.upload_run(layout, on_event=log.info)
         log.info("run_uploaded", bucket=settings.s3_bucket, prefix=store.run_prefix, files=len(manifest["files"]))
     return summary
+
+
+def seconds_since_process_start() -> float | None:
+    """Wall time since the kernel started this process (Linux), to show start-up beside the job's own time."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return round(uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"), 2)  # field 22: starttime, in ticks
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def upload_as_training_goes(store: storage.RunStore | None, layout: RunLayout, path: Any, log: Any) -> None:

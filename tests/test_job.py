@@ -52,6 +52,8 @@ def test_report_has_the_documented_layout(finished_run):
     assert report["run_id"] == "e2e"
     assert report["settings"]["epsilon"] == 2.5 and "environment" in report
     assert report["environment"]["versions"]["torch"]
+    timings = report["timings_s"]
+    assert 0 < timings["startup"] < 120 and timings["peak_rss_mb"] > 0
     assert len(report["split"]["labeled_indices"]) == 100
     assert report["split"]["labeled_class_counts"] == [11, 10, 10, 10, 9, 8, 10, 11, 10, 11]
     for name, steps in (("baseline", 6), ("vat", 4)):

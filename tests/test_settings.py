@@ -27,6 +27,12 @@ def test_env_example_lists_every_setting_and_nothing_else():
     assert documented - fields == set(), ".env.example names settings that do not exist"
 
 
+def test_readme_settings_table_lists_every_setting_and_nothing_else():
+    rows = re.findall(r"^\| `(VAT_[A-Z0-9_]+)` \|", (REPO / "README.md").read_text(), flags=re.MULTILINE)
+    assert len(rows) == len(set(rows)), "a setting is listed twice"
+    assert set(rows) == {f"VAT_{name.upper()}" for name in Settings.model_fields}
+
+
 def test_env_example_defaults_are_the_real_defaults(monkeypatch):
     defaults = Settings(_env_file=None)
     for line in (REPO / ".env.example").read_text().splitlines():
