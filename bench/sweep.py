@@ -5,8 +5,10 @@ usage: python bench/sweep.py --plan PLAN.json --out RESULTS.jsonl [--data-dir DI
 
 PLAN.json is a list of {"name": ..., "phase": "vat"|"baseline", "settings": {field: value}}. Each entry is
 trained from scratch in this process (no checkpoints) and evaluated on the seeded test set (for
-selection) and the official MNIST test set (reported, never used to choose). With --workers N, this
-process takes every N-th entry starting at I, so several processes can share one GPU.
+selection) and the official MNIST test set (reported, never used to choose). A VAT model trained without
+VAT_BN_REESTIMATE is evaluated a second time after re-estimating its BatchNorm statistics (`bnre_*` keys),
+so every entry also measures that option at no training cost. With --workers N, this process takes every
+N-th entry starting at I, so several processes can share one GPU.
 """
 
 from __future__ import annotations
@@ -39,7 +41,14 @@ def main() -> None:
     from job.evaluate import evaluate
     from job.logs import configure_logging, get_logger
     from job.settings import load_settings
-    from job.train import Hooks, StopFlag, configure_backend, resolve_device, train_phase
+    from job.train import Hooks, StopFlag, configure_backend, reestimate_batchnorm, resolve_device, train_phase
+
+    def scores(metrics: dict, prefix: str = "") -> dict:
+        return {
+            f"{prefix}{t}_{m}": round(metrics[t][m], 4)
+            for t in ("seeded_test", "mnist_test")
+            for m in ("accuracy", "macro_f1")
+        }
 
     configure_logging("json", "warning")
     plan = json.loads(Path(args.plan).read_text())[args.worker :: args.workers]
@@ -69,14 +78,16 @@ def main() -> None:
                 "settings": entry["settings"],
                 "seconds": round(seconds, 2),
                 "ms_per_update": round(1000 * seconds / max(result.steps, 1), 3),
-                **{
-                    f"{t}_{m}": round(metrics[t][m], 4)
-                    for t in ("seeded_test", "mnist_test")
-                    for m in ("accuracy", "macro_f1")
-                },
+                **scores(metrics),
+                "seeded_test_recall_per_class": [
+                    round(metrics["seeded_test"]["classification_report"][str(c)]["recall"], 3) for c in range(10)
+                ],
                 "final_losses": {k: round(v[-1], 5) for k, v in result.history.items() if v},
                 "device": str(device),
             }
+            if entry["phase"] == "vat" and not s.bn_reestimate:
+                reestimate_batchnorm(result.model, split, s.unlabeled_batch_size)
+                line.update(scores(evaluate(result.model, split, s.eval_batch_size), prefix="bnre_"))
         except Exception as error:  # one broken entry must not stop the sweep
             line = {"name": entry["name"], "error": f"{type(error).__name__}: {error}"}
         with open(args.out, "a") as out:

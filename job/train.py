@@ -150,7 +150,9 @@ def host_memory_reused(device: torch.device) -> Iterator[None]:
     try:
         yield
     finally:
-        _mallopt(libc, mmap_threshold=128 * 1024, trim_threshold=128 * 1024, top_pad=0)  # glibc's defaults
+        # glibc's default values (mallopt(3)); a fixed mmap threshold, so that evaluation's large blocks
+        # are returned to the kernel when freed.
+        _mallopt(libc, mmap_threshold=128 * 1024, trim_threshold=128 * 1024, top_pad=128 * 1024)
         libc.malloc_trim(0)
 
 
