@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import resource
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -143,6 +142,6 @@ def upload_as_training_goes(store: storage.RunStore | None, layout: RunLayout, p
 
 
 if __name__ == "__main__":
-    from job.cli import main
+    from job.cli import entrypoint
 
-    sys.exit(main())
+    entrypoint()

@@ -138,3 +138,16 @@ def test_cuda_requested_without_gpu_exits_2(tmp_path):
     result = run_job(clean_env(VAT_OUTPUT_DIR=str(tmp_path / "out"), VAT_DEVICE="cuda", VAT_DATA_DIR=str(tmp_path)))
     assert result.returncode == 2
     assert "VAT_DEVICE='cuda'" in result.stdout
+
+
+def test_console_script_passes_exit_codes_and_flushes_its_output(tmp_path):
+    script = Path(sys.executable).with_name("vat-job")
+    if not script.exists():
+        pytest.skip("the package is not installed as a console script here")
+    help_text = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert help_text.returncode == 0 and help_text.stdout.startswith("usage: vat-job")
+    bad = subprocess.run(
+        [str(script)], env=clean_env(VAT_EPSILON="-1"), capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert bad.returncode == 2
+    assert json.loads(bad.stdout)["event"] == "config_error"
