@@ -29,11 +29,24 @@ def run_job(data_dir: Path, settings: dict[str, str]) -> tuple[dict, float]:
         )
         env.update({f"VAT_{k.upper()}": v for k, v in settings.items()})
         began = time.perf_counter()
-        result = subprocess.run([sys.executable, "-m", "job"], env=env, cwd=REPO, capture_output=True, text=True)
-        wall = time.perf_counter() - began
-        if result.returncode != 0:
-            sys.exit(f"job failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-        return json.loads((Path(out) / "bench" / "report.json").read_text()), wall
+        job = subprocess.Popen(
+            [sys.executable, "-m", "job"], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        assert job.stdout is not None and job.stderr is not None
+        lines, finished = [], None
+        for line in job.stdout:
+            lines.append(line)
+            if '"run_finished"' in line:
+                finished = time.perf_counter()
+        errors = job.stderr.read()
+        job.wait()
+        ended = time.perf_counter()
+        wall = ended - began
+        if job.returncode != 0:
+            sys.exit(f"job failed ({job.returncode}):\n{''.join(lines)[-3000:]}\n{errors[-3000:]}")
+        report = json.loads((Path(out) / "bench" / "report.json").read_text())
+        report["teardown_s"] = ended - finished if finished else float("nan")
+        return report, wall
 
 
 def profile_updates(data_dir: Path, settings: dict[str, str], steps: int) -> str:
@@ -92,6 +105,7 @@ def main() -> None:
         ("VAT", f"{vat['steps']} updates, {1000 * vat['train_seconds'] / max(vat['steps'], 1):.2f} ms/update"),
         ("whole job (in process)", f"{timings['total']:.2f} s"),
         ("whole job (process wall)", f"{wall:.2f} s"),
+        ("exit after the last log line", f"{report['teardown_s']:.2f} s"),
         ("peak host memory (RSS)", f"{timings['peak_rss_mb']:.0f} MB"),
         ("peak GPU memory", f"{timings['peak_gpu_memory_mb']:.0f} MB" if "peak_gpu_memory_mb" in timings else "-"),
         (
