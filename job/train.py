@@ -33,7 +33,7 @@ from torch.nn import functional as F
 
 from job.checkpoint import CheckpointError, checkpoint_name, latest_intact_checkpoint, load_checkpoint, save_checkpoint
 from job.data import MnistSplit, as_float_batch
-from job.model import build_model
+from job.model import DROPOUT_P, build_model
 from job.settings import ConfigError
 from job.vat import entropy_with_logits, lds_loss
 
@@ -292,11 +292,9 @@ class Trainer:
         xu = as_float_batch(
             self.data.train_images[draw(self.data.unlabeled, s.unlabeled_batch_size)], channels_last=True
         )
-        mask = {
-            "shared": lambda: model.dropout_mask(len(xu), xu),
-            "none": lambda: model.dropout_mask(len(xu), xu, p=0.0),
-            "independent": lambda: None,
-        }[s.dropout_masks]()
+        mask = None  # "independent": each pass draws its own, as nn.Dropout would
+        if s.dropout_masks != "independent":
+            mask = model.dropout_mask(len(xu), xu, p=0.0 if s.dropout_masks == "none" else DROPOUT_P)
 
         def forward(z: torch.Tensor) -> torch.Tensor:
             with autocast(self.device, s.amp):
