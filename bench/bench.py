@@ -54,8 +54,9 @@ def profile_updates(data_dir: Path, settings: dict[str, str], steps: int) -> str
     from torch.profiler import ProfilerActivity, profile
 
     from job.data import load_mnist, raw_dir
+    from job.device import configure_backend, resolve_device
     from job.settings import load_settings
-    from job.train import Trainer, configure_backend, resolve_device
+    from job.train import Trainer
 
     s = load_settings(env_file=None, **{k.lower(): v for k, v in settings.items()})
     device = resolve_device(s.device)

@@ -38,10 +38,11 @@ def main() -> None:
     import torch
 
     from job.data import load_mnist, raw_dir
+    from job.device import configure_backend, resolve_device
     from job.evaluate import evaluate
     from job.logs import configure_logging, get_logger
     from job.settings import load_settings
-    from job.train import Hooks, StopFlag, configure_backend, reestimate_batchnorm, resolve_device, train_phase
+    from job.train import Hooks, StopFlag, reestimate_batchnorm, train_phase
 
     def scores(metrics: dict, prefix: str = "") -> dict:
         return {

@@ -1,4 +1,5 @@
-"""Checkpoints: atomic writes, safe loads (`weights_only=True`), and the latest intact one of a folder."""
+"""Checkpoints: atomic writes, safe loads (`weights_only=True`), the latest intact one of a folder, and which
+settings a checkpoint must share with the run that resumes from it."""
 
 from __future__ import annotations
 
@@ -17,6 +18,61 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)\.pt$")
 
 class CheckpointError(Exception):
     """A checkpoint is unreadable, truncated, or not a plain tensors-and-containers file."""
+
+
+class ResumeMismatch(Exception):
+    """The run folder holds checkpoints made with other training settings."""
+
+
+# Settings that change what a phase computes: a run resumed with other values would mix two experiments.
+TRAINING_FIELDS = {
+    "baseline": (
+        "seed",
+        "test_split_seed",
+        "label_split_seed",
+        "num_labeled",
+        "baseline_steps",
+        "labeled_batch_size",
+        "lr",
+        "lr_decay",
+    ),
+    "vat": (
+        "seed",
+        "test_split_seed",
+        "label_split_seed",
+        "num_labeled",
+        "num_unlabeled",
+        "train_steps",
+        "labeled_batch_size",
+        "unlabeled_batch_size",
+        "lr",
+        "lr_decay",
+        "epsilon",
+        "xi",
+        "power_iterations",
+        "vat_weight",
+        "entmin_weight",
+        "entmin_rampup_steps",
+        "perturbed_bn",
+        "dropout_masks",
+        "bn_reestimate",
+    ),
+}
+
+
+def training_settings(phase: str, settings: Any) -> dict[str, Any]:
+    """What a checkpoint of `phase` records of the settings, to refuse a resume that would mix experiments."""
+    return {k: getattr(settings, k) for k in TRAINING_FIELDS[phase]}
+
+
+def check_resumable(phase: str, saved: dict[str, Any], settings: Any) -> None:
+    mismatched = {k: (v, getattr(settings, k)) for k, v in saved.items() if getattr(settings, k) != v}
+    if mismatched:
+        what = ", ".join(f"VAT_{k.upper()} was {old!r}, now {new!r}" for k, (old, new) in mismatched.items())
+        raise ResumeMismatch(
+            f"{phase} checkpoints of this run were made with other settings ({what}); "
+            "use a new VAT_RUN_ID or the old settings"
+        )
 
 
 def checkpoint_name(step: int) -> str:

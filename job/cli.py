@@ -70,10 +70,11 @@ def run() -> int:
     log = logs.get_logger()
 
     # Imported here so that `vat-job --help` and settings errors answer without loading torch.
-    from job.__main__ import run_job
+    from job.checkpoint import ResumeMismatch
     from job.data import DataError
+    from job.run import run_job
+    from job.stop import Interrupted, StopFlag
     from job.storage import StorageError
-    from job.train import Interrupted, ResumeMismatch, StopFlag
 
     stop = StopFlag()
     stop.install()

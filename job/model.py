@@ -9,6 +9,9 @@ Two changes compute the same function faster or let VAT control its noise:
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -54,3 +57,16 @@ class ArticleCNN(nn.Module):
 
 def build_model() -> ArticleCNN:
     return ArticleCNN()
+
+
+@contextlib.contextmanager
+def running_stats_frozen(model: nn.Module, frozen: bool) -> Iterator[None]:
+    """BatchNorm still normalises with the batch's statistics but does not fold them into its running ones."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if frozen else []
+    for norm in norms:
+        norm.track_running_stats = False
+    try:
+        yield
+    finally:
+        for norm in norms:
+            norm.track_running_stats = True

@@ -11,18 +11,13 @@ VAT's noise, decided and measured (BENCHMARKS.md):
 - Dropout: with `dropout_masks="shared"` the clean and perturbed passes use one mask, so the power
   iteration measures the effect of the perturbation, not of a different mask (the article draws anew).
 - Dropout, `dropout_masks="none"`: the unlabelled passes run without dropout (the labelled pass keeps it).
-- Mixed precision: the clean target and the power iteration run in float32 with TF32 off, because a
-  perturbation of norm xi=1e-6 is rounded away in half precision; the other passes use autocast.
+Device, precision (the power iteration stays float32), CUDA graphs and the CPU allocator: `device.py`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,79 +26,20 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from job.checkpoint import CheckpointError, checkpoint_name, latest_intact_checkpoint, load_checkpoint, save_checkpoint
+from job.checkpoint import (
+    check_resumable,
+    checkpoint_name,
+    latest_intact_checkpoint,
+    save_checkpoint,
+    training_settings,
+)
 from job.data import MnistSplit, as_float_batch
-from job.model import DROPOUT_P, build_model
-from job.settings import ConfigError
+from job.device import GraphedUpdate, autocast, full_precision, host_memory_reused
+from job.model import DROPOUT_P, build_model, running_stats_frozen
+from job.stop import Interrupted, StopFlag
 from job.vat import entropy_with_logits, lds_loss
 
 LOSS_NAMES = ("cross_entropy", "lds", "entropy")
-
-# Settings that change what a phase computes: a run resumed with other values would mix two experiments.
-TRAINING_FIELDS = {
-    "baseline": (
-        "seed",
-        "test_split_seed",
-        "label_split_seed",
-        "num_labeled",
-        "baseline_steps",
-        "labeled_batch_size",
-        "lr",
-        "lr_decay",
-    ),
-    "vat": (
-        "seed",
-        "test_split_seed",
-        "label_split_seed",
-        "num_labeled",
-        "num_unlabeled",
-        "train_steps",
-        "labeled_batch_size",
-        "unlabeled_batch_size",
-        "lr",
-        "lr_decay",
-        "epsilon",
-        "xi",
-        "power_iterations",
-        "vat_weight",
-        "entmin_weight",
-        "entmin_rampup_steps",
-        "perturbed_bn",
-        "dropout_masks",
-        "bn_reestimate",
-    ),
-}
-
-
-class Interrupted(Exception):
-    """Training stopped on a signal after writing a checkpoint at `step`."""
-
-    def __init__(self, phase: str, step: int, checkpoint: Path) -> None:
-        super().__init__(f"{phase} stopped at step {step} on a signal; checkpoint {checkpoint}")
-        self.phase, self.step, self.checkpoint = phase, step, checkpoint
-
-
-class ResumeMismatch(Exception):
-    """The run folder holds checkpoints made with other training settings."""
-
-
-class StopFlag:
-    """Set by SIGTERM/SIGINT; the loop checks it between updates and checkpoints before leaving."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-        self.signal_name = ""
-
-    def set(self, signum: int = signal.SIGTERM, frame: Any = None) -> None:
-        self.signal_name = signal.Signals(signum).name
-        self._event.set()
-
-    def is_set(self) -> bool:
-        return self._event.is_set()
-
-    def install(self) -> None:
-        signal.signal(signal.SIGTERM, self.set)
-        signal.signal(signal.SIGINT, self.set)
 
 
 @dataclass
@@ -123,110 +59,6 @@ class Hooks:
     log: Any
     on_checkpoint: Callable[[Path], None] = lambda path: None
     on_corrupt: Callable[[Path, Exception], None] = lambda path, error: None
-
-
-def resolve_device(requested: str) -> torch.device:
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("VAT_DEVICE='cuda': no CUDA device is visible; use 'auto' or 'cpu', or run on a GPU node")
-    if requested == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda")
-
-
-@contextlib.contextmanager
-def host_memory_reused(device: torch.device) -> Iterator[None]:
-    """While training on the CPU, make glibc keep freed blocks for reuse instead of returning them to the kernel.
-
-    PyTorch has no caching allocator on the CPU: each 55 MB activation was a fresh mmap whose pages the kernel
-    had to fault in and zero, a third of a CPU update (0.62 -> 0.42 s/update). Afterwards glibc's defaults come
-    back and the heap is trimmed: the kept blocks would otherwise be scattered over by evaluation and plotting
-    and raise the peak resident memory by a few hundred MB (BENCHMARKS.md).
-    """
-    libc = _glibc() if device.type == "cpu" else None
-    if libc is None:
-        yield
-        return
-    _mallopt(libc, mmap_threshold=2**31 - 1, trim_threshold=2**31 - 1, top_pad=1 << 28)
-    try:
-        yield
-    finally:
-        # glibc's default values (mallopt(3)); a fixed mmap threshold, so that evaluation's large blocks
-        # are returned to the kernel when freed.
-        _mallopt(libc, mmap_threshold=128 * 1024, trim_threshold=128 * 1024, top_pad=128 * 1024)
-        libc.malloc_trim(0)
-
-
-def _glibc() -> ctypes.CDLL | None:
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-    except OSError:  # not glibc (musl, macOS): nothing to tune
-        return None
-
-
-def _mallopt(libc: ctypes.CDLL, *, mmap_threshold: int, trim_threshold: int, top_pad: int) -> None:
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-    for option, value in ((m_mmap_threshold, mmap_threshold), (m_trim_threshold, trim_threshold), (m_top_pad, top_pad)):
-        libc.mallopt(option, value)
-
-
-def set_deterministic_algorithms() -> None:
-    """`torch.use_deterministic_algorithms(True)` without its import of torch._inductor's config.
-
-    That import (for a compiler the job does not use) loads ~900 modules: 2 s and 148 MB of resident memory
-    on the CPU, a tenth of the job's peak (BENCHMARKS.md). The flag itself lives in torch._C.
-    """
-    setter = getattr(torch._C, "_set_deterministic_algorithms", None)
-    if setter is None:  # a torch without the private setter: pay for the import
-        torch.use_deterministic_algorithms(True)
-    else:
-        setter(True, warn_only=False)
-
-
-def configure_backend(device: torch.device, deterministic: bool) -> None:
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = not deterministic
-        torch.backends.cudnn.deterministic = deterministic
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    elif deterministic:
-        set_deterministic_algorithms()
-        # Deterministic mode also fills every new tensor with NaN (to expose reads of uninitialised memory):
-        # a fifth of a CPU update. Our kernels write all they allocate, so skip that.
-        torch.utils.deterministic.fill_uninitialized_memory = False
-
-
-def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager[Any]:
-    if amp == "off":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    # cache_enabled=False: the weight casts must be redone per pass (and cached casts break CUDA graphs).
-    return torch.autocast(device.type, dtype=dtype, cache_enabled=False)
-
-
-@contextlib.contextmanager
-def full_precision(device: torch.device) -> Iterator[None]:
-    """float32 without TF32: the finite differences of the power iteration need every bit."""
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        with torch.autocast(device.type, enabled=False):
-            yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
-@contextlib.contextmanager
-def running_stats_frozen(model: nn.Module, frozen: bool) -> Iterator[None]:
-    """BatchNorm still normalises with the batch's statistics but does not fold them into its running ones."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if frozen else []
-    for norm in norms:
-        norm.track_running_stats = False
-    try:
-        yield
-    finally:
-        for norm in norms:
-            norm.track_running_stats = True
 
 
 def draw(indices: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -255,18 +87,15 @@ class Trainer:
         torch.manual_seed(settings.seed + (0 if phase == "baseline" else 1))
         # channels_last: oneDNN's and cuDNN's fast convolution and pooling layout (x1.4 per update on CPU).
         self.model = build_model().to(device, memory_format=torch.channels_last)
-        self.use_graphs = device.type == "cuda" and settings.cuda_graphs and settings.amp != "fp16"
-        lr: float | torch.Tensor = torch.tensor(settings.lr, device=device) if self.use_graphs else settings.lr
+        use_graphs = device.type == "cuda" and settings.cuda_graphs and settings.amp != "fp16"
+        lr: float | torch.Tensor = torch.tensor(settings.lr, device=device) if use_graphs else settings.lr
         self.optimizer = torch.optim.Adam(
-            self.model.parameters(), lr=lr, **({"fused": True, "capturable": True} if self.use_graphs else {})
+            self.model.parameters(), lr=lr, **({"fused": True, "capturable": True} if use_graphs else {})
         )
         # Scalars that change from update to update live on the device under CUDA graphs (a replay reads them).
-        self.entmin_scale: float | torch.Tensor = torch.zeros((), device=device) if self.use_graphs else 0.0
+        self.entmin_scale: float | torch.Tensor = torch.zeros((), device=device) if use_graphs else 0.0
         self.scaler = torch.amp.GradScaler(device.type, enabled=settings.amp == "fp16")
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.static_losses: torch.Tensor | None = None
-        self.capture_error = ""  # why CUDA graph capture failed, if it did
-        self._first_step = 0  # the step this process started at (warm-up counts from here)
+        self.graphed = GraphedUpdate() if use_graphs else None
 
     # --- the two updates -------------------------------------------------------------------------
 
@@ -347,36 +176,10 @@ class Trainer:
         else:
             self.entmin_scale = entmin
         compute = self.baseline_losses if self.phase == "baseline" else self.vat_losses
-        if not self.use_graphs:
+        if self.graphed is None or self.graphed.failed:
             self.optimizer.zero_grad(set_to_none=True)
             return compute()
-        if self.graph is not None:
-            self.graph.replay()
-            assert self.static_losses is not None
-            return self.static_losses.clone()
-        return self._warm_up_or_capture(step, compute)
-
-    def _warm_up_or_capture(self, step: int, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-        # The whole update (batch draw, forward, backward, Adam) becomes one CUDA graph after a few eager
-        # steps on a side stream (PyTorch's "whole-network capture"); the eager steps are real updates.
-        warmup_steps = 3
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self.optimizer.zero_grad(set_to_none=True)
-            losses = compute()
-        torch.cuda.current_stream().wait_stream(stream)
-        if step + 1 - self._first_step >= warmup_steps:
-            self.optimizer.zero_grad(set_to_none=True)
-            graph = torch.cuda.CUDAGraph()
-            try:
-                with torch.cuda.graph(graph):
-                    self.static_losses = compute()
-                self.graph = graph
-            except RuntimeError as error:  # a capture problem costs speed, never the run
-                self.use_graphs, self.capture_error = False, str(error).splitlines()[0]
-                torch.cuda.synchronize()
-        return losses
+        return self.graphed(step, compute, zero_grad=lambda: self.optimizer.zero_grad(set_to_none=True))
 
     # --- checkpoints ---------------------------------------------------------------------------
 
@@ -391,24 +194,19 @@ class Trainer:
             "rng_cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
             "history": history[:step].cpu(),
             "train_seconds": seconds,
-            "settings": {k: getattr(self.s, k) for k in TRAINING_FIELDS[self.phase]},
+            "settings": training_settings(self.phase, self.s),
         }
 
     def restore(self, state: dict[str, Any]) -> tuple[int, torch.Tensor, float]:
-        mismatched = {k: (v, getattr(self.s, k)) for k, v in state["settings"].items() if getattr(self.s, k) != v}
-        if mismatched:
-            what = ", ".join(f"VAT_{k.upper()} was {old!r}, now {new!r}" for k, (old, new) in mismatched.items())
-            raise ResumeMismatch(
-                f"{self.phase} checkpoints of this run were made with other settings ({what}); "
-                "use a new VAT_RUN_ID or the old settings"
-            )
+        check_resumable(self.phase, state["settings"], self.s)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng_cpu"])
         if self.device.type == "cuda" and state["rng_cuda"] is not None:
             torch.cuda.set_rng_state(state["rng_cuda"])
-        self._first_step = state["step"]
+        if self.graphed is not None:
+            self.graphed.first_step = state["step"]
         return state["step"], state["history"], float(state["train_seconds"])
 
 
@@ -445,7 +243,9 @@ def _train_phase(
     began = last_log = time.perf_counter()
     last_logged_step = start
     if start < total:
-        log.info("training_started", phase=phase, steps=total, device=str(device), cuda_graphs=trainer.use_graphs)
+        log.info(
+            "training_started", phase=phase, steps=total, device=str(device), cuda_graphs=trainer.graphed is not None
+        )
     for step in range(start, total):
         history[step] = trainer.update(step)
         done = step + 1
@@ -471,8 +271,8 @@ def _train_phase(
             last_log, last_logged_step = now, done
     if device.type == "cuda":
         torch.cuda.synchronize()
-    if trainer.capture_error:
-        log.warning("cuda_graph_capture_failed", phase=phase, error=trainer.capture_error, fallback="eager updates")
+    if trainer.graphed is not None and trainer.graphed.failed:
+        log.warning("cuda_graph_capture_failed", phase=phase, error=trainer.graphed.capture_error, fallback="eager")
     if phase == "vat" and settings.bn_reestimate and start < total:
         reestimate_batchnorm(trainer.model, data, settings.unlabeled_batch_size)
         log.info("batchnorm_reestimated", phase=phase, images=len(data.unlabeled))
@@ -506,18 +306,3 @@ def reestimate_batchnorm(model: nn.Module, data: MnistSplit, batch_size: int) ->
 def save_final_model(model: nn.Module, path: Path, hooks: Hooks) -> None:
     save_checkpoint(path, {"model": model.state_dict(), "step": -1})
     hooks.on_checkpoint(path)
-
-
-__all__ = [
-    "CheckpointError",
-    "Hooks",
-    "Interrupted",
-    "PhaseResult",
-    "ResumeMismatch",
-    "StopFlag",
-    "Trainer",
-    "configure_backend",
-    "load_checkpoint",
-    "resolve_device",
-    "train_phase",
-]

@@ -77,7 +77,7 @@ def test_finished_phase_is_not_trained_again(mnist_split, tmp_path):
 
 
 def test_resume_with_other_training_settings_is_refused(mnist_split, tmp_path):
-    from job.train import ResumeMismatch
+    from job.checkpoint import ResumeMismatch
 
     run_phase("baseline", small_settings(), mnist_split, tmp_path)
     with pytest.raises(ResumeMismatch, match="VAT_LR was 0.001, now 0.01"):
