@@ -7,7 +7,8 @@ PLAN.json is a list of {"name": ..., "phase": "vat"|"baseline", "settings": {fie
 trained from scratch in this process (no checkpoints) and evaluated on the seeded test set (for
 selection) and the official MNIST test set (reported, never used to choose). A VAT model trained without
 VAT_BN_REESTIMATE is evaluated a second time after re-estimating its BatchNorm statistics (`bnre_*` keys),
-so every entry also measures that option at no training cost. With --workers N, this process takes every
+so every entry also measures that option at no training cost; with VAT_EMA_DECAY the shipped model is the weight
+average and the last weights are scored too (`last_*` keys). With --workers N, this process takes every
 N-th entry starting at I, so several processes can share one GPU.
 """
 
@@ -86,6 +87,9 @@ def main() -> None:
                 "final_losses": {k: round(v[-1], 5) for k, v in result.history.items() if v},
                 "device": str(device),
             }
+            if result.model is not result.last_weights:  # VAT_EMA_DECAY: the last weights, scored for comparison
+                result.last_weights.eval()
+                line.update(scores(evaluate(result.last_weights, split, s.eval_batch_size), prefix="last_"))
             if entry["phase"] == "vat" and not s.bn_reestimate:
                 reestimate_batchnorm(result.model, split, s.unlabeled_batch_size)
                 line.update(scores(evaluate(result.model, split, s.eval_batch_size), prefix="bnre_"))

@@ -35,6 +35,7 @@ TRAINING_FIELDS = {
         "labeled_batch_size",
         "lr",
         "lr_decay",
+        "translate_px",
     ),
     "vat": (
         "seed",
@@ -56,6 +57,8 @@ TRAINING_FIELDS = {
         "perturbed_bn",
         "dropout_masks",
         "bn_reestimate",
+        "ema_decay",
+        "translate_px",
     ),
 }
 

@@ -201,3 +201,30 @@ def as_float_batch(images_uint8: torch.Tensor, channels_last: bool = False) -> t
     """uint8 [N, 28, 28] -> float [N, 1, 28, 28] in [0, 1], as torchvision's ToTensor gives."""
     batch = images_uint8.unsqueeze(1).float().div_(255.0)
     return batch.contiguous(memory_format=torch.channels_last) if channels_last else batch
+
+
+def training_batch(
+    images_uint8: torch.Tensor, indices: torch.Tensor, batch_size: int, shift_px: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A uniform batch of `indices` without replacement (all of them, in order, when the batch is that large), as
+    channels-last floats, each image randomly shifted by up to `shift_px` pixels; returns (images, indices)."""
+    if batch_size < len(indices):
+        indices = indices[torch.rand(len(indices), device=indices.device).topk(batch_size, sorted=False).indices]
+    return as_float_batch(randomly_shifted(images_uint8[indices], shift_px), channels_last=True), indices
+
+
+def randomly_shifted(images_uint8: torch.Tensor, max_px: int) -> torch.Tensor:
+    """Each image moved by its own random whole-pixel shift in [-max_px, max_px] along each axis (zeros fill in).
+
+    Beyond the article (VAT_TRANSLATE_PX). Drawn on the images' device from its default generator, without a
+    host round trip, so it works inside a CUDA graph and a resumed run draws the same shifts.
+    """
+    if max_px == 0:
+        return images_uint8
+    n, height, width = images_uint8.shape
+    padded = torch.nn.functional.pad(images_uint8, (max_px, max_px, max_px, max_px))
+    offsets = torch.randint(0, 2 * max_px + 1, (2, n, 1), device=images_uint8.device)
+    rows = offsets[0] + torch.arange(height, device=images_uint8.device)
+    cols = offsets[1] + torch.arange(width, device=images_uint8.device)
+    batch = torch.arange(n, device=images_uint8.device)[:, None, None]
+    return padded[batch, rows[:, :, None], cols[:, None, :]]

@@ -1,4 +1,5 @@
 """The seed article's CNN: two conv-BN-ReLU-pool blocks (32, 64 channels), FC 3136-100, dropout 0.5, FC 100-10.
+Also: BatchNorm with frozen running statistics (for the perturbed passes) and the weight average (VAT_EMA_DECAY).
 
 Two changes compute the same function faster or let VAT control its noise:
 - max-pooling runs before ReLU. ReLU is monotonic, so max(relu(a), relu(b)) == relu(max(a, b)), and the
@@ -70,3 +71,20 @@ def running_stats_frozen(model: nn.Module, frozen: bool) -> Iterator[None]:
     finally:
         for norm in norms:
             norm.track_running_stats = True
+
+
+def weight_average(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
+    """An exponential moving average of the weights and BatchNorm statistics (VAT_EMA_DECAY), evaluated and shipped
+    in place of the last weights. Its decay warms up as min(decay, (1 + n) / (10 + n)) after n averaged updates, so
+    the random initial weights are forgotten within the first updates (a fixed 0.999 would keep 5 % of them after
+    3,000). Integer buffers (BatchNorm's batch counter) are copied."""
+
+    @torch.no_grad()
+    def average(ema: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor) -> None:
+        if not torch.is_floating_point(ema[0]):
+            torch._foreach_copy_(ema, current)
+            return
+        keep = torch.clamp((1 + n) / (10 + n), max=decay).to(ema[0].dtype)
+        torch._foreach_lerp_(ema, current, 1 - keep)
+
+    return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=average, use_buffers=True)

@@ -35,6 +35,8 @@ ARTICLE_PRESET: dict[str, Any] = {
     "perturbed_bn": "update",
     "dropout_masks": "independent",
     "bn_reestimate": False,
+    "ema_decay": 0.0,
+    "translate_px": 0,
 }
 
 UNKNOWN_SETTING = "unknown setting (a typo?); the settings are listed in .env.example"
@@ -101,6 +103,8 @@ class Settings(BaseSettings):
     perturbed_bn: Literal["frozen", "update"] = "frozen"
     dropout_masks: Literal["shared", "independent", "none"] = "shared"
     bn_reestimate: bool = False
+    ema_decay: float = Field(default=0.0, ge=0, lt=1)
+    translate_px: int = Field(default=0, ge=0, le=8)
     checkpoint_every: int = Field(default=500, ge=1)
     eval_batch_size: int = Field(default=250, ge=1)
 

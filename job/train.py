@@ -33,9 +33,9 @@ from job.checkpoint import (
     save_checkpoint,
     training_settings,
 )
-from job.data import MnistSplit, as_float_batch
+from job.data import MnistSplit, as_float_batch, training_batch
 from job.device import GraphedUpdate, autocast, full_precision, host_memory_reused
-from job.model import DROPOUT_P, build_model, running_stats_frozen
+from job.model import DROPOUT_P, build_model, running_stats_frozen, weight_average
 from job.stop import Interrupted, StopFlag
 from job.vat import entropy_with_logits, lds_loss
 
@@ -45,7 +45,8 @@ LOSS_NAMES = ("cross_entropy", "lds", "entropy")
 @dataclass
 class PhaseResult:
     name: str
-    model: nn.Module
+    model: nn.Module  # evaluated and shipped: the weight average with VAT_EMA_DECAY, else the last weights
+    last_weights: nn.Module
     steps: int
     train_seconds: float
     history: dict[str, list[float]]
@@ -59,13 +60,6 @@ class Hooks:
     log: Any
     on_checkpoint: Callable[[Path], None] = lambda path: None
     on_corrupt: Callable[[Path, Exception], None] = lambda path, error: None
-
-
-def draw(indices: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """A uniform batch without replacement (all of `indices`, in order, when the batch is that large)."""
-    if batch_size >= len(indices):
-        return indices
-    return indices[torch.rand(len(indices), device=indices.device).topk(batch_size, sorted=False).indices]
 
 
 def lr_at(step: int, total: int, lr: float, decay: str) -> float:
@@ -96,13 +90,20 @@ class Trainer:
         self.entmin_scale: float | torch.Tensor = torch.zeros((), device=device) if use_graphs else 0.0
         self.scaler = torch.amp.GradScaler(device.type, enabled=settings.amp == "fp16")
         self.graphed = GraphedUpdate() if use_graphs else None
+        self.ema = weight_average(self.model, settings.ema_decay) if phase == "vat" and settings.ema_decay else None
+
+    @property
+    def shipped_model(self) -> nn.Module:
+        """The model that is evaluated and saved as model.pt: the weight average when there is one."""
+        return self.ema.module if self.ema is not None else self.model
 
     # --- the two updates -------------------------------------------------------------------------
 
     def _labeled_loss(self) -> torch.Tensor:
-        idx = draw(self.data.labeled, self.s.labeled_batch_size)
-        with autocast(self.device, self.s.amp):
-            logits = self.model(as_float_batch(self.data.train_images[idx], channels_last=True))
+        s = self.s
+        x, idx = training_batch(self.data.train_images, self.data.labeled, s.labeled_batch_size, s.translate_px)
+        with autocast(self.device, s.amp):
+            logits = self.model(x)
         return F.cross_entropy(logits.float(), self.data.train_labels[idx])
 
     def baseline_losses(self) -> torch.Tensor:
@@ -118,9 +119,7 @@ class Trainer:
         # waits in memory while the next one is built (lower peak memory, BENCHMARKS.md).
         ce = self._labeled_loss()
         self._backward(ce)
-        xu = as_float_batch(
-            self.data.train_images[draw(self.data.unlabeled, s.unlabeled_batch_size)], channels_last=True
-        )
+        xu, _ = training_batch(self.data.train_images, self.data.unlabeled, s.unlabeled_batch_size, s.translate_px)
         mask = None  # "independent": each pass draws its own, as nn.Dropout would
         if s.dropout_masks != "independent":
             mask = model.dropout_mask(len(xu), xu, p=0.0 if s.dropout_masks == "none" else DROPOUT_P)
@@ -178,8 +177,12 @@ class Trainer:
         compute = self.baseline_losses if self.phase == "baseline" else self.vat_losses
         if self.graphed is None or self.graphed.failed:
             self.optimizer.zero_grad(set_to_none=True)
-            return compute()
-        return self.graphed(step, compute, zero_grad=lambda: self.optimizer.zero_grad(set_to_none=True))
+            losses = compute()
+        else:
+            losses = self.graphed(step, compute, zero_grad=lambda: self.optimizer.zero_grad(set_to_none=True))
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        return losses
 
     # --- checkpoints ---------------------------------------------------------------------------
 
@@ -190,6 +193,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state() if self.device.type == "cuda" else None,
             "history": history[:step].cpu(),
@@ -202,6 +206,8 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
         torch.set_rng_state(state["rng_cpu"])
         if self.device.type == "cuda" and state["rng_cuda"] is not None:
             torch.cuda.set_rng_state(state["rng_cuda"])
@@ -274,18 +280,20 @@ def _train_phase(
     if trainer.graphed is not None and trainer.graphed.failed:
         log.warning("cuda_graph_capture_failed", phase=phase, error=trainer.graphed.capture_error, fallback="eager")
     if phase == "vat" and settings.bn_reestimate and start < total:
-        reestimate_batchnorm(trainer.model, data, settings.unlabeled_batch_size)
+        reestimate_batchnorm(trainer.shipped_model, data, settings.unlabeled_batch_size)
         log.info("batchnorm_reestimated", phase=phase, images=len(data.unlabeled))
     seconds += time.perf_counter() - began
     if start < total:
         checkpoint(total)
     if start < total or not (folder / "model.pt").exists():
-        save_final_model(trainer.model, folder / "model.pt", hooks)
+        save_final_model(trainer.shipped_model, folder / "model.pt", hooks)
     trainer.model.eval()
+    trainer.shipped_model.eval()
     hist = history.cpu()
     return PhaseResult(
         name=phase,
-        model=trainer.model,
+        model=trainer.shipped_model,
+        last_weights=trainer.model,
         steps=total,
         train_seconds=round(seconds, 3),
         history={name: hist[:, i].tolist() for i, name in enumerate(LOSS_NAMES)},

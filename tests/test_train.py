@@ -55,9 +55,12 @@ def test_same_seed_same_result_and_another_seed_differs(mnist_split, tmp_path):
     assert not torch.equal(other.model.fc2.weight, first.model.fc2.weight)
 
 
-@pytest.mark.parametrize("phase", ["baseline", "vat"])
-def test_interrupted_and_resumed_equals_uninterrupted(mnist_split, tmp_path, phase):
-    s = small_settings(checkpoint_every=100)
+@pytest.mark.parametrize(
+    "phase, options",
+    [("baseline", {}), ("vat", {}), ("vat", {"ema_decay": 0.9, "translate_px": 2}), ("baseline", {"translate_px": 2})],
+)
+def test_interrupted_and_resumed_equals_uninterrupted(mnist_split, tmp_path, phase, options):
+    s = small_settings(checkpoint_every=100, **options)
     straight = run_phase(phase, s, mnist_split, tmp_path / "straight")
     with pytest.raises(Interrupted) as info:
         run_phase(phase, s, mnist_split, tmp_path / "resumed", stop=StopAfter(3))
@@ -185,3 +188,46 @@ def test_batchnorm_reestimation_gives_the_average_statistics_of_the_unlabelled_i
     torch.testing.assert_close(model.bn1.running_mean, conv1.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
     saved = load_checkpoint(tmp_path / "checkpoint-0000002.pt")["model"]["bn1.running_mean"]
     assert torch.equal(saved, model.bn1.running_mean), "the final checkpoint holds the re-estimated statistics"
+
+
+def test_shifted_images_are_the_same_digits_moved_by_at_most_the_limit(mnist_split):
+    from job.data import randomly_shifted
+
+    images = mnist_split.train_images[mnist_split.labeled[:50]]
+    assert randomly_shifted(images, 0) is images
+    shifted = randomly_shifted(images, 2)
+    assert shifted.shape == images.shape and shifted.dtype == torch.uint8
+    moved = 0
+    for original, image in zip(images, shifted, strict=True):
+        # The image must be a window of the zero-padded original at one offset in [0, 4]^2 (a shift in [-2, 2]).
+        padded = torch.nn.functional.pad(original, (2, 2, 2, 2))
+        found = [(r, c) for r in range(5) for c in range(5) if torch.equal(padded[r : r + 28, c : c + 28], image)]
+        assert found, "not a pure translation within 2 pixels"
+        moved += (2, 2) not in found
+    assert moved > 35  # 24 of 25 shifts move the image
+
+
+def test_weight_average_starts_at_the_weights_and_follows_them_with_the_warm_up_decay():
+    from job.model import build_model, weight_average
+
+    torch.manual_seed(0)
+    model = build_model()
+    ema = weight_average(model, decay=0.99)
+    ema.update_parameters(model)  # n=0: a copy
+    assert torch.equal(ema.module.fc2.weight, model.fc2.weight)
+    previous = ema.module.fc2.weight.detach().clone()
+    with torch.no_grad():
+        model.fc2.weight.add_(1.0)
+    ema.update_parameters(model)  # n=1: keep (1+1)/(10+1) of the average
+    keep = 2 / 11
+    expected = keep * previous + (1 - keep) * model.fc2.weight.detach()
+    assert torch.allclose(ema.module.fc2.weight, expected, atol=1e-6)
+    assert torch.equal(ema.module.bn1.num_batches_tracked, model.bn1.num_batches_tracked)
+
+
+def test_vat_with_weight_average_ships_the_average(mnist_split, tmp_path):
+    result = run_phase("vat", small_settings(ema_decay=0.9), mnist_split, tmp_path)
+    assert result.model is not result.last_weights
+    assert not torch.equal(result.model.fc2.weight, result.last_weights.fc2.weight)
+    saved = load_checkpoint(tmp_path / "model.pt")["model"]
+    assert torch.equal(saved["fc2.weight"], result.model.fc2.weight.detach())
