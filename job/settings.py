@@ -52,6 +52,29 @@ def generate_run_id() -> str:
     return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
+# A CronJob names each Job "<cronjob name>-<scheduled time in minutes since the Unix epoch>" (the 11 characters
+# the Kubernetes documentation says it appends to the name).
+_SCHEDULED_JOB = re.compile(r"^(?P<cronjob>.+)-(?P<minutes>\d{8,10})$")
+
+
+def kubernetes_run_id(job_name: str, job_uid: str, group: str, index: str | None = None) -> str:
+    """The run id of a pod of a Kubernetes Job: the same for every retried pod of the Job, unique per Job.
+
+    A Job that the CronJob named `group` scheduled:  <scheduled UTC time>-<cronjob>-<uid[:8]>
+        e.g. 20261129T0200Z-vat-job-nightly-3f2a9c1d   (readable date, sorts by night)
+    any other Job (one-off, sweep):                    <job name>-<uid[:8]>[-<completion index>]
+        e.g. vat-sweep-x7k2p-3f2a9c1d-2
+    """
+    uid = re.sub(r"[^A-Za-z0-9]", "", job_uid)[:8].lower()
+    scheduled = _SCHEDULED_JOB.match(job_name)
+    if scheduled and scheduled["cronjob"] == group:
+        when = datetime.fromtimestamp(int(scheduled["minutes"]) * 60, UTC)
+        run_id = f"{when:%Y%m%dT%H%MZ}-{group}-{uid}"
+    else:
+        run_id = f"{job_name}-{uid}"
+    return run_id if index is None else f"{run_id}-{index}"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -74,6 +97,12 @@ class Settings(BaseSettings):
     download_timeout_s: float = Field(default=60.0, gt=0)
     output_dir: Path = Path("runs")
     run_id: str = Field(default_factory=generate_run_id)
+    # Which runs belong together (one-off, the nightly CronJob's name, a sweep's name): recorded in report.json,
+    # `vat-job collect` groups and filters by it, promotion compares within it.
+    run_group: str = Field(default="one-off", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+    # Set by the Kubernetes manifests (downward API); with both and no VAT_RUN_ID the run id is derived from them.
+    job_name: str | None = None
+    job_uid: str | None = None
 
     # The split (the article's procedure).
     test_split_seed: int = Field(default=42, ge=0, le=2**32 - 1)
@@ -123,6 +152,11 @@ class Settings(BaseSettings):
     s3_max_attempts: int = Field(default=5, ge=1, le=20)
     s3_connect_timeout_s: float = Field(default=5.0, gt=0)
 
+    # Promotion of a finished run's VAT model to s3://<bucket>/<prefix>/<promote_to>/ behind a quality gate.
+    promote_to: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+    promote_min_accuracy: float = Field(default=0.95, ge=0, le=1)
+    promote_max_regression: float = Field(default=0.005, ge=0, le=1)
+
     @model_validator(mode="before")
     @classmethod
     def _apply_preset(cls, data: Any) -> Any:
@@ -148,6 +182,19 @@ class Settings(BaseSettings):
             data["label_split_seed"] = base + int(index)
         return data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _run_id_from_kubernetes_job(cls, data: Any) -> Any:
+        # Every retried pod of a Job gets the same id, so it resumes the run; an explicit VAT_RUN_ID wins.
+        if isinstance(data, dict) and not data.get("run_id") and data.get("job_name") and data.get("job_uid"):
+            data["run_id"] = kubernetes_run_id(
+                str(data["job_name"]),
+                str(data["job_uid"]),
+                str(data.get("run_group") or "one-off"),
+                os.environ.get("JOB_COMPLETION_INDEX"),
+            )
+        return data
+
     @field_validator("run_id")
     @classmethod
     def _run_id_is_a_path_segment(cls, value: str) -> str:
@@ -171,6 +218,8 @@ class Settings(BaseSettings):
         pool = 50_000 - self.num_labeled
         if self.num_unlabeled is not None and self.num_unlabeled > pool:
             raise ValueError(f"VAT_NUM_UNLABELED={self.num_unlabeled} is larger than the unlabelled pool ({pool})")
+        if self.promote_to and not self.s3_bucket:
+            raise ValueError(f"VAT_PROMOTE_TO={self.promote_to} needs VAT_S3_BUCKET: promotion writes to the bucket")
         unlabeled = self.num_unlabeled or pool
         if self.train_steps and self.unlabeled_batch_size > unlabeled:
             raise ValueError(
