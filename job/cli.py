@@ -7,6 +7,8 @@ Exit codes (documented in the README):
   3  data error: MNIST missing, corrupt and not downloadable
   4  storage error: the bucket is unreachable, missing or access is denied (local artifacts are kept)
   5  interrupted by SIGTERM/SIGINT: a checkpoint was written; run again with the same VAT_RUN_ID to resume
+  6  quality gate refused (VAT_PROMOTE_TO): the run is complete and kept in the bucket, but its model was not
+     promoted (not accurate enough, or worse than the promoted one); the Job fails so that alerts fire
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ EXIT_CONFIG = 2
 EXIT_DATA = 3
 EXIT_STORAGE = 4
 EXIT_INTERRUPTED = 5
+EXIT_GATE_REFUSED = 6
 
 USAGE = """usage: vat-job            run the job (settings from VAT_* environment variables, see .env.example)
        vat-job collect    list runs in the bucket (see vat-job collect --help)"""
@@ -72,6 +75,7 @@ def run() -> int:
     # Imported here so that `vat-job --help` and settings errors answer without loading torch.
     from job.checkpoint import ResumeMismatch
     from job.data import DataError
+    from job.promote import GateRefused
     from job.run import run_job
     from job.stop import Interrupted, StopFlag
     from job.storage import StorageError
@@ -93,6 +97,9 @@ def run() -> int:
             hint="run again with the same VAT_RUN_ID to upload what is missing",
         )
         return EXIT_STORAGE
+    except GateRefused as error:
+        log.error("quality_gate_refused", message=str(error), exit_code=EXIT_GATE_REFUSED, **error.verdict)
+        return EXIT_GATE_REFUSED
     except DataError as error:
         log.error("data_error", message=str(error), exit_code=EXIT_DATA)
         return EXIT_DATA

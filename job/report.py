@@ -20,7 +20,7 @@ from job.layout import (
     atomic_write_bytes,  # noqa: E402
 )
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2  # 2: adds "group"
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -62,6 +62,7 @@ def build_report(
     return {
         "report_version": REPORT_VERSION,
         "run_id": run_id,
+        "group": settings.get("run_group"),
         "created_at": datetime.now(UTC).isoformat(),
         "settings": settings,
         "environment": env,

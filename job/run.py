@@ -118,6 +118,10 @@ def run_job(settings: Settings, stop: StopFlag, log: Any) -> dict[str, Any]:
         logs.close_run_log()  # the log is complete: what follows goes to stdout only
         manifest = store.upload_run(layout, on_event=log.info)
         log.info("run_uploaded", bucket=settings.s3_bucket, prefix=store.run_prefix, files=len(manifest["files"]))
+        if settings.promote_to:
+            from job import promote
+
+            promote.promote_run(store, summary, settings, log)  # raises promote.GateRefused
     return summary
 
 
