@@ -1,10 +1,14 @@
 """`vat-job collect`: read runs back from the bucket, as a table for people or JSON/CSV for tools.
 
-    vat-job collect [--format table|json|csv]          every run under s3://<bucket>/<prefix>/runs/
+    vat-job collect [--format table|json|csv]          every run under s3://<bucket>/<prefix>/runs/, oldest first
+    vat-job collect --group NAME                        only the runs of one group (a sweep, the nightly, one-off)
+    vat-job collect --group NAME --trend [--plot PNG]   accuracy of one group over time, as a table and a PNG
     vat-job collect --run RUN_ID --download DIR         fetch one run's artifacts
+    vat-job collect --promoted DIR                      fetch the promoted model, report and pointer
 
-Runs of the same configuration (all settings equal but the seeds and run ids) are grouped, and their metrics
-reported as mean and standard deviation, the way papers report them.
+Runs of the same group (VAT_RUN_GROUP: a sweep's name, the nightly CronJob's name, one-off) and the same
+configuration (all settings equal but the seeds and run ids) are summarised together, as mean and standard
+deviation, the way papers report them; runs of different groups are never pooled.
 """
 
 from __future__ import annotations
@@ -43,7 +47,16 @@ NOT_CONFIGURATION = {
     "plots",
     "label_split_seed_from_index",
     "checkpoint_every",
+    "run_group",
+    "job_name",
+    "job_uid",
+    "promote_to",
+    "promote_min_accuracy",
+    "promote_max_regression",
 }
+# Settings that name a run rather than describe it: never shown as "settings that differ".
+IDENTITY = {"run_id", "run_group", "job_name", "job_uid"}
+NO_GROUP = "(none)"  # reports written before runs had groups
 
 
 def metric_name(model: str, test_set: str, metric: str) -> str:
@@ -64,15 +77,25 @@ def read_runs(store_for: Any, run_ids: Sequence[str]) -> list[dict[str, Any]]:
             report = store.fetch_json(REPORT)
             row["created_at"] = report.get("created_at")
             row["settings"] = report.get("settings", {})
+            row["group"] = report.get("group") or row["settings"].get("run_group") or NO_GROUP
             for model, test_set, metric in METRICS:
                 value = report.get("models", {}).get(model, {}).get(test_set, {}).get(metric)
                 row[metric_name(model, test_set, metric)] = value
         rows.append(row)
-    return rows
+    return sort_by_time(rows)
+
+
+def sort_by_time(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Oldest first (created_at is ISO 8601 UTC, so it sorts as text); runs without a report last, by id."""
+    return sorted(rows, key=lambda row: (row.get("created_at") is None, row.get("created_at") or "", row["run_id"]))
+
+
+def only_group(rows: list[dict[str, Any]], group: str) -> list[dict[str, Any]]:
+    return [row for row in rows if row.get("group") == group]
 
 
 def differing_settings(rows: list[dict[str, Any]]) -> list[str]:
-    keys = sorted({k for row in rows for k in row.get("settings", {})} - {"run_id"})
+    keys = sorted({k for row in rows for k in row.get("settings", {})} - IDENTITY)
     return [k for k in keys if len({json.dumps(row.get("settings", {}).get(k)) for row in rows}) > 1]
 
 
@@ -82,11 +105,14 @@ def group_by_configuration(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if "settings" not in row:
             continue
         config = {k: v for k, v in row["settings"].items() if k not in NOT_CONFIGURATION}
-        groups.setdefault(json.dumps(config, sort_keys=True), []).append(row)
+        groups.setdefault(json.dumps([row["group"], config], sort_keys=True), []).append(row)
     summaries = []
-    for config, members in groups.items():
+    for key, members in groups.items():
+        group, config = json.loads(key)
         summary: dict[str, Any] = {
-            "configuration": json.loads(config),
+            "group": group,
+            "configuration": config,
+            "run_ids": [m["run_id"] for m in members],
             "runs": len(members),
             "label_split_seeds": sorted(m["settings"].get("label_split_seed") for m in members),
         }
@@ -110,6 +136,7 @@ def render_table(rows: list[dict[str, Any]], groups: list[dict[str, Any]]) -> st
     differing = differing_settings(rows)
     header = [
         "run_id",
+        "group",
         "created_at",
         "status",
         *differing,
@@ -120,7 +147,7 @@ def render_table(rows: list[dict[str, Any]], groups: list[dict[str, Any]]) -> st
     ]
     lines = []
     for row in rows:
-        cells = [row["run_id"], (row.get("created_at") or "")[:19], row["status"]]
+        cells = [row["run_id"], row.get("group", ""), (row.get("created_at") or "")[:19], row["status"]]
         cells += [str(row.get("settings", {}).get(k, "")) for k in differing]
         for model in ("baseline", "vat"):
             for test_set in ("seeded_test", "mnist_test"):
@@ -135,7 +162,8 @@ def render_table(rows: list[dict[str, Any]], groups: list[dict[str, Any]]) -> st
         if group["runs"] < 2:
             continue
         out.write(
-            f"\n{group['runs']} runs of one configuration (label seeds {group['label_split_seeds']}): mean ± std\n"
+            f"\n{group['runs']} runs of group {group['group']}, one configuration "
+            f"(label seeds {group['label_split_seeds']}): mean ± std\n"
         )
         for model, test_set, metric in METRICS:
             stat = group[metric_name(model, test_set, metric)]
@@ -146,7 +174,7 @@ def render_table(rows: list[dict[str, Any]], groups: list[dict[str, Any]]) -> st
 
 def render_csv(rows: list[dict[str, Any]]) -> str:
     differing = differing_settings(rows)
-    columns = ["run_id", "created_at", "status", *differing, *(metric_name(*m) for m in METRICS)]
+    columns = ["run_id", "group", "created_at", "status", *differing, *(metric_name(*m) for m in METRICS)]
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
@@ -155,11 +183,69 @@ def render_csv(rows: list[dict[str, Any]]) -> str:
     return out.getvalue()
 
 
+TREND = [("vat", "mnist_test", "accuracy"), ("baseline", "mnist_test", "accuracy")]
+
+
+def trend_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One group's finished runs, oldest first, with the accuracies the trend shows."""
+    return [row for row in sort_by_time(rows) if row.get("created_at") and row.get(metric_name(*TREND[0])) is not None]
+
+
+def render_trend(group: str, rows: list[dict[str, Any]]) -> str:
+    out = io.StringIO()
+    out.write(f"group {group}: {len(rows)} finished runs, oldest first\n")
+    header = ["created_at", "run_id", "vat mnist acc", "change", "baseline mnist acc"]
+    lines, previous = [], None
+    for row in rows:
+        vat, base = (row[metric_name(*m)] for m in TREND)
+        change = "" if previous is None else f"{vat - previous:+.4f}"
+        lines.append([row["created_at"][:19], row["run_id"], f"{vat:.4f}", change, f"{base:.4f}" if base else "-"])
+        previous = vat
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *lines, strict=False)]
+    for cells in [header, *lines]:
+        out.write("  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=False)).rstrip() + "\n")
+    return out.getvalue()
+
+
+def plot_trend(group: str, rows: list[dict[str, Any]], path: Path) -> Path:
+    """Accuracy on the MNIST test set of each run of the group, by the time it was made."""
+    from datetime import datetime
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from job.layout import atomic_write_bytes
+
+    times = [datetime.fromisoformat(row["created_at"]) for row in rows]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for (model, test_set, metric), style in zip(TREND, ("o-", "s--"), strict=True):
+        values = [row.get(metric_name(model, test_set, metric)) for row in rows]
+        ax.plot(times, values, style, label=f"{model} ({test_set})", linewidth=1, markersize=4)
+    ax.set(title=f"{group}: accuracy over time", xlabel="run created (UTC)", ylabel="accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.autofmt_xdate()
+    atomic_write_bytes(path, lambda handle: fig.savefig(handle, format="png", dpi=100, bbox_inches="tight"))
+    plt.close(fig)
+    return path
+
+
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="vat-job collect", description=__doc__.splitlines()[0])
     parser.add_argument("--format", choices=("table", "json", "csv"), default="table")
     parser.add_argument("--run", help="one run id")
     parser.add_argument("--download", type=Path, help="with --run: fetch the run's artifacts into this folder")
+    parser.add_argument("--group", help="only the runs of this group (VAT_RUN_GROUP: sweep name, CronJob name...)")
+    parser.add_argument("--trend", action="store_true", help="one group's accuracy over time: a table and a PNG")
+    parser.add_argument("--plot", type=Path, help="with --trend: where the PNG goes (default trend-<group>.png)")
+    parser.add_argument(
+        "--promoted",
+        type=Path,
+        metavar="DIR",
+        help="fetch the promoted model.pt, report.json and pointer.json (of VAT_PROMOTE_TO, default latest) into DIR",
+    )
     args = parser.parse_args(list(argv))
     try:
         settings = load_settings()
@@ -174,6 +260,13 @@ def main(argv: Sequence[str]) -> int:
         return RunStore(client, settings.s3_bucket, settings.s3_prefix, run_id)
 
     try:
+        if args.promoted:
+            from job.promote import PromotionSlot, fetch_promoted
+
+            slot = PromotionSlot(client, settings.s3_bucket, settings.s3_prefix, settings.promote_to or "latest")
+            pointer = fetch_promoted(slot, args.promoted)
+            print(f"promoted run {pointer['run_id']} (accuracy {pointer['accuracy']:.4f}) in {args.promoted}")
+            return 0
         if args.download:
             if not args.run:
                 print("vat-job collect: --download needs --run RUN_ID", file=sys.stderr)
@@ -189,6 +282,23 @@ def main(argv: Sequence[str]) -> int:
     except StorageError as error:
         print(f"vat-job collect: {error}", file=sys.stderr)
         return 4
+    if args.group:
+        rows = only_group(rows, args.group)
+    if args.trend:
+        names = sorted({row["group"] for row in rows if "group" in row})
+        if len(names) != 1:
+            listed = ", ".join(names) or "none"
+            print(f"vat-job collect: --trend needs --group (groups here: {listed})", file=sys.stderr)
+            return 2
+        trend = trend_rows(rows)
+        if args.format == "json":
+            print(json.dumps({"group": names[0], "runs": trend}, indent=2))
+        else:
+            print(render_trend(names[0], trend), end="")
+        if trend:
+            path = plot_trend(names[0], trend, args.plot or Path(f"trend-{names[0]}.png"))
+            print(f"plot: {path}", file=sys.stderr)
+        return 0
     groups = group_by_configuration(rows)
     if args.format == "json":
         print(json.dumps({"runs": rows, "configurations": groups}, indent=2))
