@@ -1,5 +1,6 @@
 """The container image and Kubernetes manifests, checked offline (no Docker engine, no cluster)."""
 
+import os
 import re
 import shutil
 import subprocess
@@ -14,8 +15,13 @@ from job.settings import Settings
 from tests.conftest import REPO
 
 K8S = REPO / "k8s"
-MANIFESTS = sorted(K8S.glob("*.yaml"))
+MANIFESTS = sorted(K8S.rglob("*.yaml"))
 TOOLS = Path(sys.executable).parent
+APPLIED = ("settings", "nightly")  # kubectl apply -k: safe to re-apply, create no Job
+CREATED = ("one-off", "sweep")  # kubectl create with a generated name, never applied
+COMPONENTS = sorted(p.name for p in (K8S / "components").iterdir())
+# What README's commands do to a one-off or sweep before `kubectl create`: metadata.name becomes generateName.
+TO_GENERATE_NAME = '[{"op":"move","from":"/metadata/name","path":"/metadata/generateName"}]'
 
 
 def tool(name: str) -> str:
@@ -30,53 +36,221 @@ def documents(path_or_text) -> list[dict]:
     return [doc for doc in yaml.safe_load_all(text) if doc]
 
 
-def pod_specs() -> list[tuple[str, dict]]:
+def pod_specs(docs=None) -> list[tuple[str, dict, dict]]:
     specs = []
-    for path in MANIFESTS:
-        for doc in documents(path):
-            if doc["kind"] == "Job":
-                specs.append((doc["metadata"]["name"], doc["spec"], doc["spec"]["template"]["spec"]))
-            elif doc["kind"] == "CronJob":
-                job = doc["spec"]["jobTemplate"]["spec"]
-                specs.append((doc["metadata"]["name"], job, job["template"]["spec"]))
+    for doc in docs if docs is not None else [d for path in MANIFESTS for d in documents(path)]:
+        if doc["kind"] == "Job":
+            name = doc["metadata"].get("name") or doc["metadata"]["generateName"]
+            specs.append((name, doc["spec"], doc["spec"]["template"]["spec"]))
+        elif doc["kind"] == "CronJob":
+            job = doc["spec"]["jobTemplate"]["spec"]
+            specs.append((doc["metadata"]["name"], job, job["template"]["spec"]))
     return specs
 
 
-def test_dockerfile_passes_hadolint_with_no_ignored_rule():
-    result = subprocess.run([tool("hadolint"), str(REPO / "Dockerfile")], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "hadolint ignore" not in (REPO / "Dockerfile").read_text()
-
-
-def test_dockerfile_runs_as_numeric_non_root_user_with_exec_form_entrypoint():
-    text = (REPO / "Dockerfile").read_text()
-    user = re.findall(r"^USER\s+(\d+):(\d+)\s*$", text, re.M)
-    assert user and user[-1][0] != "0"
-    assert re.search(r'^ENTRYPOINT \["vat-job"\]$', text, re.M), "exec form, so SIGTERM reaches Python"
-    assert "PYTHONUNBUFFERED=1" in text
-    assert "pip install --no-cache-dir ." in text, "installed from pyproject.toml"
-
-
-def test_dockerignore_keeps_the_context_small():
-    lines = (REPO / ".dockerignore").read_text().split()
-    assert lines[lines.index("*")] == "*" and "!job/" in lines and "!pyproject.toml" in lines
-
-
-@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
-def test_each_manifest_validates_strictly(path):
-    result = subprocess.run([tool("kubernetes-validate"), "--strict", str(path)], capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
-def test_kustomize_build_validates_strictly(tmp_path):
-    built = subprocess.run([tool("kubectl"), "kustomize", str(K8S)], capture_output=True, text=True)
+def build(directory: Path) -> str:
+    built = subprocess.run([tool("kubectl"), "kustomize", str(directory)], capture_output=True, text=True)
     assert built.returncode == 0, built.stderr
-    out = tmp_path / "built.yaml"
-    out.write_text(built.stdout)
-    kinds = sorted(doc["kind"] for doc in documents(built.stdout))
-    assert kinds == ["ConfigMap", "CronJob", "Job", "Job"], "the example Secret is not applied"
-    result = subprocess.run([tool("kubernetes-validate"), "--strict", str(out)], capture_output=True, text=True)
+    return built.stdout
+
+
+def as_created(rendered: str) -> str:
+    """README's pipe for one-offs and sweeps: kubectl patch --local turns the name into a generateName prefix."""
+    patched = subprocess.run(
+        [tool("kubectl"), "patch", "--local", "-f", "-", "--type=json", "-o", "yaml", "-p", TO_GENERATE_NAME],
+        input=rendered,
+        capture_output=True,
+        text=True,
+    )
+    assert patched.returncode == 0, patched.stderr
+    return patched.stdout
+
+
+def env_of(pod: dict) -> dict:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in pod["containers"][0]["env"]}
+
+
+def minimum_kubernetes_version() -> tuple[int, int]:
+    found = re.search(r"Minimum Kubernetes version: \*\*1\.(\d+)\*\*", (REPO / "README.md").read_text())
+    assert found, "README states the minimum Kubernetes version"
+    return 1, int(found.group(1))
+
+
+def validator_versions() -> list[str]:
+    """Every Kubernetes minor version from README's minimum to the newest whose schemas the validator ships."""
+    import kubernetes_validate
+
+    schemas = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema"
+    shipped = sorted(
+        (1, int(m.group(1))) for d in schemas.iterdir() if (m := re.match(r"^v1\.(\d+)\.0-local-strict$", d.name))
+    )
+    return [f"1.{minor}.0" for _, minor in shipped if (1, minor) >= minimum_kubernetes_version()]
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory) -> dict[str, Path]:
+    """Each entry point rendered as a user runs it, plus one overlay with every optional component."""
+    out = tmp_path_factory.mktemp("built")
+    files = {}
+    for name in APPLIED + CREATED:
+        text = build(K8S / name)
+        files[name] = out / f"{name}.yaml"
+        files[name].write_text(as_created(text) if name in CREATED else text)
+    overlay = out / "all-components"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [os.path.relpath(K8S / name, overlay) for name in ("nightly", *CREATED)],
+                "components": [os.path.relpath(K8S / "components" / c, overlay) for c in COMPONENTS],
+            }
+        )
+    )
+    files["all-components"] = out / "all-components.yaml"
+    files["all-components"].write_text(build(overlay))
+    return files
+
+
+def test_the_minimum_version_is_one_the_validator_knows_and_the_range_reaches_its_newest():
+    versions = validator_versions()
+    assert versions[0] == f"1.{minimum_kubernetes_version()[1]}.0"
+    assert len(versions) >= 2
+
+
+@pytest.mark.parametrize("version", validator_versions())
+def test_every_manifest_validates_strictly_from_the_minimum_version_to_the_newest(builds, version):
+    paths = [str(p) for p in builds.values()]
+    raw = [
+        str(p)
+        for p in MANIFESTS
+        if "kind: Kustomization" not in p.read_text() and "kind: Component" not in p.read_text()
+    ]
+    result = subprocess.run(
+        [tool("kubernetes-validate"), "--strict", "--quiet", "-k", version, *paths, *raw],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_nothing_applied_creates_a_job_and_nothing_starts_everything_at_once(builds):
+    assert not (K8S / "kustomization.yaml").exists(), "kubectl apply -k k8s/ must not start every run at once"
+    for name in APPLIED:
+        kinds = {doc["kind"] for doc in documents(builds[name].read_text())}
+        assert "Job" not in kinds and kinds <= {"ConfigMap", "ServiceAccount", "CronJob"}, name
+    assert {d["kind"] for d in documents(builds["nightly"].read_text())} == {"ConfigMap", "ServiceAccount", "CronJob"}
+    for name in CREATED:
+        (job,) = documents(builds[name].read_text())
+        assert job["kind"] == "Job" and "name" not in job["metadata"], name
+        assert job["metadata"]["generateName"].endswith("-"), "kubectl create gives each run a unique name"
+    assert "Secret" not in builds["all-components"].read_text(), "the example Secret is never applied"
+
+
+def test_pod_failure_policies(builds):
+    from job.cli import EXIT_GATE_REFUSED
+
+    specs = {name: job for name, job, _ in pod_specs(documents(builds["nightly"].read_text()))}
+    for name in CREATED:
+        specs[name] = documents(builds[name].read_text())[0]["spec"]
+    for name, job in specs.items():
+        rules = job["podFailurePolicy"]["rules"]
+        assert job["podReplacementPolicy"] == "Failed", "never two pods writing one run"
+        ignore = [r for r in rules if r["action"] == "Ignore"]
+        assert ignore[0]["onPodConditions"] == [{"type": "DisruptionTarget", "status": "True"}], name
+        exits = {
+            r["action"]: r["onExitCodes"]["values"] for r in rules if "onExitCodes" in r and r["action"] != "Ignore"
+        }
+        if name == "sweep":
+            assert job["backoffLimitPerIndex"] and exits == {"FailIndex": [EXIT_CONFIG]}, (
+                "one seed's exit 2 fails it alone"
+            )
+        else:
+            fail = [r["onExitCodes"]["values"] for r in rules if r["action"] == "FailJob"]
+            assert [EXIT_CONFIG] in fail, name
+    nightly_fail = [
+        r["onExitCodes"]["values"]
+        for r in specs["vat-job-nightly"]["podFailurePolicy"]["rules"]
+        if r["action"] == "FailJob"
+    ]
+    assert nightly_fail == [[EXIT_CONFIG], [EXIT_GATE_REFUSED]], "a refused gate fails the nightly Job, in its own rule"
+
+
+def test_pods_are_restricted_need_only_the_gpu_limit_and_toleration_and_take_optional_credentials(builds):
+    uid = int(re.findall(r"^USER\s+(\d+)", (REPO / "Dockerfile").read_text(), re.M)[-1])
+    docs = [d for name in APPLIED + CREATED for d in documents(builds[name].read_text())]
+    specs = pod_specs(docs)
+    assert len(specs) == 3
+    for name, job, pod in specs:
+        assert pod["restartPolicy"] == "Never" and pod["terminationGracePeriodSeconds"] >= 30, name
+        assert job["activeDeadlineSeconds"] and job["ttlSecondsAfterFinished"], name
+        assert pod["securityContext"]["runAsUser"] == uid and pod["securityContext"]["runAsNonRoot"], name
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+        assert pod["serviceAccountName"] == "vat-job" and pod["automountServiceAccountToken"] is False
+        assert "nodeSelector" not in pod and "runtimeClassName" not in pod, "opt-in components, not the default"
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+        container = pod["containers"][0]
+        security = container["securityContext"]
+        assert security["allowPrivilegeEscalation"] is False and security["readOnlyRootFilesystem"] is True
+        assert security["capabilities"]["drop"] == ["ALL"]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert container["image"].startswith("registry.example.com/"), "the image comes from k8s/site"
+        secret = next(e["secretRef"] for e in container["envFrom"] if "secretRef" in e)
+        assert secret["optional"] is True, "credentials may come from the pod's cloud identity instead"
+        mounts = {m["mountPath"] for m in container["volumeMounts"]}
+        assert mounts == {"/tmp", "/output", "/data"}, "writable paths for a read-only root; no unused /dev/shm"
+        env = env_of(pod)
+        assert "batch.kubernetes.io/job-name" in env["VAT_JOB_NAME"]["fieldRef"]["fieldPath"]
+        assert "batch.kubernetes.io/controller-uid" in env["VAT_JOB_UID"]["fieldRef"]["fieldPath"]
+        assert "VAT_RUN_ID" not in env, "derived from the Job by the job, the same for every retried pod"
+
+
+def quantity(text: str) -> float:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+    return float(text[:-2]) * units[text[-2:]] if text[-2:] in units else float(text)
+
+
+def test_resources_follow_the_measured_peaks_with_headroom(builds):
+    # BENCHMARKS.md, the job on one H200: peak host RSS 1.65 GB (1.77 GB with AMP=bf16), peak GPU memory 843 MB.
+    peak_rss = 1.77e9
+    for name, _, pod in pod_specs(documents(builds["all-components"].read_text())):
+        resources = pod["containers"][0]["resources"]
+        request, limit = quantity(resources["requests"]["memory"]), quantity(resources["limits"]["memory"])
+        assert peak_rss < request <= 1.5 * peak_rss, name
+        assert 1.5 * peak_rss <= limit <= 2 * peak_rss, name
+        assert "cpu" not in resources["limits"], "no CPU throttling of the loop that feeds the GPU"
+        assert float(resources["requests"]["cpu"]) <= 2, name
+        assert quantity(resources["limits"]["ephemeral-storage"]) >= sum(
+            quantity(v["emptyDir"]["sizeLimit"]) for v in pod["volumes"]
+        )
+
+
+def test_the_three_pod_templates_differ_only_in_their_role(builds):
+    templates = {}
+    for name, _, pod in pod_specs([d for n in ("nightly", *CREATED) for d in documents(builds[n].read_text())]):
+        pod = yaml.safe_load(yaml.safe_dump(pod))
+        pod["containers"][0].pop("env")
+        templates[name] = pod
+    first, *rest = templates.values()
+    assert all(t == first for t in rest), "change the pod in all three manifests"
+
+
+def test_run_identity_and_groups_from_the_manifests(builds):
+    from job.settings import kubernetes_run_id
+
+    (cron,) = [d for d in documents(builds["nightly"].read_text()) if d["kind"] == "CronJob"]
+    _, _, pod = pod_specs([cron])[0]
+    env = env_of(pod)
+    assert env["VAT_RUN_GROUP"] == cron["metadata"]["name"], "the CronJob's name is its runs' group"
+    assert env["VAT_PROMOTE_TO"] == "latest"
+    scheduled = kubernetes_run_id(f"{cron['metadata']['name']}-29930520", "0123abcd-ffff", env["VAT_RUN_GROUP"])
+    assert scheduled.startswith("20261128T0200Z-vat-job-nightly-0123abcd")
+    sweep = env_of(documents(builds["sweep"].read_text())[0]["spec"]["template"]["spec"])
+    assert "batch.kubernetes.io/job-name" in sweep["VAT_RUN_GROUP"]["fieldRef"]["fieldPath"], "a sweep's group"
+    assert sweep["VAT_LABEL_SPLIT_SEED_FROM_INDEX"] == "true"
+    one_off = env_of(documents(builds["one-off"].read_text())[0]["spec"]["template"]["spec"])
+    assert one_off["VAT_RUN_GROUP"] == "one-off" and "VAT_PROMOTE_TO" not in one_off and "VAT_PROMOTE_TO" not in sweep
 
 
 def test_every_vat_variable_the_manifests_set_is_a_real_setting():
@@ -86,39 +260,12 @@ def test_every_vat_variable_the_manifests_set_is_a_real_setting():
     assert used <= settings, used - settings
 
 
-def test_pod_failure_policy_fails_at_once_on_configuration_errors_and_ignores_disruptions():
-    for name, job, _ in pod_specs():
-        rules = job["podFailurePolicy"]["rules"]
-        fail = [r for r in rules if r["action"] == "FailJob"]
-        assert fail and fail[0]["onExitCodes"]["values"] == [EXIT_CONFIG], name
-        assert any(r["action"] == "Ignore" and r["onPodConditions"][0]["type"] == "DisruptionTarget" for r in rules)
-
-
-def test_pods_are_restricted_and_match_the_image_uid():
-    uid = int(re.findall(r"^USER\s+(\d+)", (REPO / "Dockerfile").read_text(), re.M)[-1])
-    for name, job, pod in pod_specs():
-        assert pod["restartPolicy"] == "Never" and pod["terminationGracePeriodSeconds"] >= 30, name
-        assert job["activeDeadlineSeconds"] and job["ttlSecondsAfterFinished"], name
-        assert pod["securityContext"]["runAsUser"] == uid and pod["securityContext"]["runAsNonRoot"], name
-        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
-        container = pod["containers"][0]
-        security = container["securityContext"]
-        assert security["allowPrivilegeEscalation"] is False and security["readOnlyRootFilesystem"] is True
-        assert security["capabilities"]["drop"] == ["ALL"]
-        assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
-        mounts = {m["mountPath"] for m in container["volumeMounts"]}
-        assert {"/tmp", "/output", "/data", "/dev/shm"} <= mounts, "writable paths for a read-only root"
-        shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
-        assert shm["emptyDir"]["medium"] == "Memory"
-        run_id = next(e for e in container["env"] if e["name"] == "VAT_RUN_ID")["value"]
-        assert "$(JOB_UID)" in run_id, "a retried pod keeps its run id and resumes"
-
-
-def test_cronjob_and_sweep_are_configured_for_their_jobs():
-    cron = documents(K8S / "cronjob.yaml")[0]["spec"]
-    assert cron["concurrencyPolicy"] == "Forbid" and cron["timeZone"] and cron["startingDeadlineSeconds"]
-    assert cron["successfulJobsHistoryLimit"] and cron["failedJobsHistoryLimit"]
-    sweep = documents(K8S / "sweep.yaml")[0]["spec"]
-    assert sweep["completionMode"] == "Indexed" and sweep["parallelism"] == sweep["completions"] == 3
-    env = {e["name"]: e.get("value") for e in sweep["template"]["spec"]["containers"][0]["env"]}
-    assert env["VAT_LABEL_SPLIT_SEED_FROM_INDEX"] == "true" and "$(JOB_INDEX)" in env["VAT_RUN_ID"]
+def test_optional_components_patch_jobs_and_the_cronjob(builds):
+    specs = pod_specs(documents(builds["all-components"].read_text()))
+    assert len(specs) == 3
+    for _, _, pod in specs:
+        assert pod["runtimeClassName"] == "nvidia" and pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    for doc in documents(builds["all-components"].read_text()):
+        meta = {"Job": lambda d: d["metadata"], "CronJob": lambda d: d["spec"]["jobTemplate"]["metadata"]}
+        if doc["kind"] in meta:
+            assert meta[doc["kind"]](doc)["labels"]["kueue.x-k8s.io/queue-name"], doc["kind"]
