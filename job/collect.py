@@ -136,9 +136,9 @@ def render_table(rows: list[dict[str, Any]], groups: list[dict[str, Any]]) -> st
     differing = differing_settings(rows)
     header = [
         "run_id",
-        "group",
         "created_at",
         "status",
+        "group",
         *differing,
         "base seeded acc/F1",
         "base mnist acc/F1",
@@ -147,7 +147,7 @@ def render_table(rows: list[dict[str, Any]], groups: list[dict[str, Any]]) -> st
     ]
     lines = []
     for row in rows:
-        cells = [row["run_id"], row.get("group", ""), (row.get("created_at") or "")[:19], row["status"]]
+        cells = [row["run_id"], (row.get("created_at") or "")[:19], row["status"], row.get("group", "")]
         cells += [str(row.get("settings", {}).get(k, "")) for k in differing]
         for model in ("baseline", "vat"):
             for test_set in ("seeded_test", "mnist_test"):
@@ -174,7 +174,7 @@ def render_table(rows: list[dict[str, Any]], groups: list[dict[str, Any]]) -> st
 
 def render_csv(rows: list[dict[str, Any]]) -> str:
     differing = differing_settings(rows)
-    columns = ["run_id", "group", "created_at", "status", *differing, *(metric_name(*m) for m in METRICS)]
+    columns = ["run_id", "created_at", "status", "group", *differing, *(metric_name(*m) for m in METRICS)]
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()

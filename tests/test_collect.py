@@ -76,14 +76,14 @@ def test_runs_are_listed_oldest_first_and_groups_are_never_pooled(collect_env, c
     assert "3 runs of group vat-sweep-q9w8e, one configuration (label seeds [1, 2, 3])" in table
     assert "label seeds [1, 1, 1, 2, 3]" not in table
     header = table.splitlines()[0].split()
-    assert header[:2] == ["run_id", "group"] and "job_uid" not in header
+    assert header[:4] == ["run_id", "created_at", "status", "group"] and "job_uid" not in header
 
 
 def test_filter_by_group(collect_env, capsys):
     code, out, _ = collected(capsys, "--group", "vat-sweep-q9w8e", "--format", "csv")
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].startswith("run_id,group,created_at,status")
+    assert lines[0].startswith("run_id,created_at,status,group")
     assert [line.split(",")[0] for line in lines[1:]] == [f"vat-sweep-q9w8e-bbbb2222-{i}" for i in range(3)]
 
 
