@@ -150,3 +150,16 @@ def test_the_job_promotes_then_a_refused_run_exits_6_and_stays_in_the_bucket(tmp
     assert "nightly/runs/n-2/manifest.json" in {o["Key"] for o in stored}, "the refused run is complete and kept"
     report = json.loads(client.get_object(Bucket=BUCKET, Key="nightly/runs/n-2/report.json")["Body"].read())
     assert report["group"] == "vat-job-nightly"
+
+
+def test_every_exit_code_is_documented_in_the_cli_and_the_readme():
+    import re
+
+    from job import cli
+    from tests.conftest import REPO
+
+    codes = {value for name, value in vars(cli).items() if name.startswith("EXIT_")}
+    readme = (REPO / "README.md").read_text()
+    table = {int(c) for c in re.findall(r"^\| (\d) \| ", readme.split("## Exit codes")[1].split("\n## ")[0], re.M)}
+    documented = {int(c) for c in re.findall(r"^  (\d)  ", cli.__doc__, re.M)}
+    assert codes == table == documented and cli.EXIT_GATE_REFUSED == 6
