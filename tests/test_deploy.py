@@ -169,12 +169,11 @@ def test_pod_failure_policies(builds):
         else:
             fail = [r["onExitCodes"]["values"] for r in rules if r["action"] == "FailJob"]
             assert [EXIT_CONFIG] in fail, name
-    nightly_fail = [
-        r["onExitCodes"]["values"]
-        for r in specs["vat-job-nightly"]["podFailurePolicy"]["rules"]
-        if r["action"] == "FailJob"
-    ]
-    assert nightly_fail == [[EXIT_CONFIG], [EXIT_GATE_REFUSED]], "a refused gate fails the nightly Job, in its own rule"
+    for name in ("vat-job-nightly", "one-off"):
+        fail = [
+            r["onExitCodes"]["values"] for r in specs[name]["podFailurePolicy"]["rules"] if r["action"] == "FailJob"
+        ]
+        assert fail == [[EXIT_CONFIG], [EXIT_GATE_REFUSED]], "a refused gate fails the Job at once, in its own rule"
 
 
 def test_pods_are_restricted_need_only_the_gpu_limit_and_toleration_and_take_optional_credentials(builds):
