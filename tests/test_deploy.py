@@ -264,6 +264,8 @@ def test_optional_components_patch_jobs_and_the_cronjob(builds):
     assert len(specs) == 3
     for _, _, pod in specs:
         assert pod["runtimeClassName"] == "nvidia" and pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+        assert pod["containers"][0]["resources"]["limits"]["nvidia.com/mig-1g.18gb"] == 1
+        assert "nvidia.com/gpu" not in pod["containers"][0]["resources"]["limits"], "a slice instead of a GPU"
     for doc in documents(builds["all-components"].read_text()):
         meta = {"Job": lambda d: d["metadata"], "CronJob": lambda d: d["spec"]["jobTemplate"]["metadata"]}
         if doc["kind"] in meta:
