@@ -183,55 +183,6 @@ def render_csv(rows: list[dict[str, Any]]) -> str:
     return out.getvalue()
 
 
-TREND = [("vat", "mnist_test", "accuracy"), ("baseline", "mnist_test", "accuracy")]
-
-
-def trend_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One group's finished runs, oldest first, with the accuracies the trend shows."""
-    return [row for row in sort_by_time(rows) if row.get("created_at") and row.get(metric_name(*TREND[0])) is not None]
-
-
-def render_trend(group: str, rows: list[dict[str, Any]]) -> str:
-    out = io.StringIO()
-    out.write(f"group {group}: {len(rows)} finished runs, oldest first\n")
-    header = ["created_at", "run_id", "vat mnist acc", "change", "baseline mnist acc"]
-    lines, previous = [], None
-    for row in rows:
-        vat, base = (row[metric_name(*m)] for m in TREND)
-        change = "" if previous is None else f"{vat - previous:+.4f}"
-        lines.append([row["created_at"][:19], row["run_id"], f"{vat:.4f}", change, f"{base:.4f}" if base else "-"])
-        previous = vat
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *lines, strict=False)]
-    for cells in [header, *lines]:
-        out.write("  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=False)).rstrip() + "\n")
-    return out.getvalue()
-
-
-def plot_trend(group: str, rows: list[dict[str, Any]], path: Path) -> Path:
-    """Accuracy on the MNIST test set of each run of the group, by the time it was made."""
-    from datetime import datetime
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from job.layout import atomic_write_bytes
-
-    times = [datetime.fromisoformat(row["created_at"]) for row in rows]
-    fig, ax = plt.subplots(figsize=(9, 4))
-    for (model, test_set, metric), style in zip(TREND, ("o-", "s--"), strict=True):
-        values = [row.get(metric_name(model, test_set, metric)) for row in rows]
-        ax.plot(times, values, style, label=f"{model} ({test_set})", linewidth=1, markersize=4)
-    ax.set(title=f"{group}: accuracy over time", xlabel="run created (UTC)", ylabel="accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.autofmt_xdate()
-    atomic_write_bytes(path, lambda handle: fig.savefig(handle, format="png", dpi=100, bbox_inches="tight"))
-    plt.close(fig)
-    return path
-
-
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="vat-job collect", description=__doc__.splitlines()[0])
     parser.add_argument("--format", choices=("table", "json", "csv"), default="table")
@@ -290,13 +241,15 @@ def main(argv: Sequence[str]) -> int:
             listed = ", ".join(names) or "none"
             print(f"vat-job collect: --trend needs --group (groups here: {listed})", file=sys.stderr)
             return 2
-        trend = trend_rows(rows)
+        from job import trend as trends
+
+        trend = trends.trend_rows(rows)
         if args.format == "json":
             print(json.dumps({"group": names[0], "runs": trend}, indent=2))
         else:
-            print(render_trend(names[0], trend), end="")
+            print(trends.render_trend(names[0], trend), end="")
         if trend:
-            path = plot_trend(names[0], trend, args.plot or Path(f"trend-{names[0]}.png"))
+            path = trends.plot_trend(names[0], trend, args.plot or Path(f"trend-{names[0]}.png"))
             print(f"plot: {path}", file=sys.stderr)
         return 0
     groups = group_by_configuration(rows)
