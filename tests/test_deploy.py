@@ -78,8 +78,10 @@ def minimum_kubernetes_version() -> tuple[int, int]:
 
 def validator_versions() -> list[str]:
     """Every Kubernetes minor version from README's minimum to the newest whose schemas the validator ships."""
-    import kubernetes_validate
-
+    try:
+        import kubernetes_validate
+    except ImportError:
+        return []  # the validation tests are then skipped (empty parameter set)
     schemas = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema"
     shipped = sorted(
         (1, int(m.group(1))) for d in schemas.iterdir() if (m := re.match(r"^v1\.(\d+)\.0-local-strict$", d.name))
@@ -114,7 +116,7 @@ def builds(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_the_minimum_version_is_one_the_validator_knows_and_the_range_reaches_its_newest():
-    versions = validator_versions()
+    versions = validator_versions() or pytest.skip("kubernetes-validate is not installed")
     assert versions[0] == f"1.{minimum_kubernetes_version()[1]}.0"
     assert len(versions) >= 2
 
