@@ -26,7 +26,7 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from job.layout import REPORT, sha256_of
+from job.layout import REPORT, sha256_of, write_json
 from job.storage import RunStore, StorageError, _describe
 
 POINTER = "pointer.json"
@@ -178,12 +178,19 @@ def fetch_promoted(slot: PromotionSlot, destination: Path) -> dict[str, Any]:
     if pointer is None:
         raise StorageError(f"nothing promoted under s3://{slot.bucket}/{slot.root}")
     destination.mkdir(parents=True, exist_ok=True)
-    for name, entry in pointer["files"].items():
-        partial = destination / f".{name}.part"
-        slot._call(slot.client.download_file, Bucket=slot.bucket, Key=entry["key"], Filename=str(partial))
-        if sha256_of(partial) != entry["sha256"]:
-            partial.unlink()
-            raise StorageError(f"{entry['key']} does not match the sha256 in {slot.pointer_key}")
+    # Every file is fetched and checked before any is put in place: a failure leaves DIR as it was (an earlier
+    # promotion stays whole there), never the new model beside the old report.
+    partials = {name: destination / f".{name}.part" for name in pointer["files"]}
+    try:
+        for name, entry in pointer["files"].items():
+            slot._call(slot.client.download_file, Bucket=slot.bucket, Key=entry["key"], Filename=str(partials[name]))
+            if sha256_of(partials[name]) != entry["sha256"]:
+                raise StorageError(f"{entry['key']} does not match the sha256 in {slot.pointer_key}")
+    except BaseException:
+        for partial in partials.values():
+            partial.unlink(missing_ok=True)
+        raise
+    for name, partial in partials.items():
         partial.replace(destination / name)
-    (destination / POINTER).write_text(json.dumps(pointer, indent=2) + "\n")
+    write_json(destination / POINTER, pointer)
     return pointer

@@ -163,3 +163,19 @@ def test_every_exit_code_is_documented_in_the_cli_and_the_readme():
     table = {int(c) for c in re.findall(r"^\| (\d) \| ", readme.split("## Exit codes")[1].split("\n## ")[0], re.M)}
     documented = {int(c) for c in re.findall(r"^  (\d)  ", cli.__doc__, re.M)}
     assert codes == table == documented and cli.EXIT_GATE_REFUSED == 6
+
+
+def test_a_failed_fetch_leaves_the_readers_folder_with_the_earlier_promotion_whole(client, tmp_path):
+    slot, reader = PromotionSlot(client, BUCKET, "whole", "latest"), tmp_path / "reader"
+    first, report, folder = finished_run(client, tmp_path, "whole", "night-1", 0.97)
+    promote_run(first, report, Settings(), Log())
+    fetch_promoted(slot, reader)
+    second, report2, _ = finished_run(client, tmp_path, "whole", "night-2", 0.98)
+    pointer = promote_run(second, report2, Settings(), Log())
+    client.put_object(Bucket=BUCKET, Key=pointer["files"]["report.json"]["key"], Body=b"{}")  # the model is fine
+    with pytest.raises(StorageError, match="does not match the sha256"):
+        fetch_promoted(slot, reader)
+    assert (reader / "model.pt").read_bytes() == (folder / "vat" / "model.pt").read_bytes(), "not night-2's model"
+    assert json.loads((reader / "report.json").read_text())["run_id"] == "night-1"
+    assert json.loads((reader / "pointer.json").read_text())["run_id"] == "night-1"
+    assert sorted(p.name for p in reader.iterdir()) == ["model.pt", "pointer.json", "report.json"]
