@@ -272,3 +272,30 @@ def test_optional_components_patch_jobs_and_the_cronjob(builds):
         meta = {"Job": lambda d: d["metadata"], "CronJob": lambda d: d["spec"]["jobTemplate"]["metadata"]}
         if doc["kind"] in meta:
             assert meta[doc["kind"]](doc)["labels"]["kueue.x-k8s.io/queue-name"], doc["kind"]
+
+
+def test_readmes_resume_of_a_sweep_seed_continues_that_run_in_the_sweeps_group(builds, monkeypatch):
+    """README, "Resume after the retries ran out": a one-off with kubectl set env --local VAT_RUN_ID, group, seed."""
+    from job.settings import load_settings
+
+    run_id, sweep = "vat-sweep-q9w8e-3f2a9c1d-2", "vat-sweep-q9w8e"
+    resumed = subprocess.run(
+        [tool("kubectl"), "set", "env", "--local", "-f", "-", "-o", "yaml"]
+        + [f"VAT_RUN_ID={run_id}", f"VAT_RUN_GROUP={sweep}", "VAT_LABEL_SPLIT_SEED=3"],
+        input=builds["one-off"].read_text(),
+        capture_output=True,
+        text=True,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    (job,) = documents(resumed.stdout)
+    assert "generateName" in job["metadata"], "still created with a new name"
+    entries = job["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert len({e["name"] for e in entries}) == len(entries), "set env replaces, never duplicates a variable"
+    downward = {"VAT_JOB_NAME": "vat-job-one-off-b7x2k", "VAT_JOB_UID": "99999999-0000"}
+    for name in [n for n in os.environ if n.startswith("VAT_")]:
+        monkeypatch.delenv(name)
+    for entry in entries:
+        monkeypatch.setenv(entry["name"], entry["value"] if "value" in entry else downward[entry["name"]])
+    settings = load_settings(env_file=None)
+    # What the sweep's pod 2 had: the same run, group and label seed (1+2), so it resumes instead of exiting 2.
+    assert (settings.run_id, settings.run_group, settings.label_split_seed) == (run_id, sweep, 3)
