@@ -98,7 +98,8 @@ class Settings(BaseSettings):
     output_dir: Path = Path("runs")
     run_id: str = Field(default_factory=generate_run_id)
     # Which runs belong together (one-off, the nightly CronJob's name, a sweep's name): recorded in report.json,
-    # `vat-job collect` groups and filters by it, promotion compares within it.
+    # `vat-job collect` groups and filters by it. Promotion ignores it: a run is gated against whatever model
+    # VAT_PROMOTE_TO holds, whichever group promoted it.
     run_group: str = Field(default="one-off", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
     # Set by the Kubernetes manifests (downward API); with both and no VAT_RUN_ID the run id is derived from them.
     job_name: str | None = None
