@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 from job import logs
 from job.settings import ConfigError, load_settings
@@ -71,6 +73,10 @@ def run() -> int:
     logs.configure_logging(settings.log_format, settings.log_level)
     logs.bind_run(settings.run_id)
     log = logs.get_logger()
+    unwritable = output_dir_problem(settings.output_dir)
+    if unwritable:
+        log.error("config_error", message=unwritable, exit_code=EXIT_CONFIG)
+        return EXIT_CONFIG
 
     # Imported here so that `vat-job --help` and settings errors answer without loading torch.
     from job.checkpoint import ResumeMismatch
@@ -119,3 +125,21 @@ def run() -> int:
         return EXIT_INTERNAL
     finally:
         logs.close_run_log()
+
+
+def output_dir_problem(folder: Path) -> str | None:
+    """One line on why this process cannot write under VAT_OUTPUT_DIR (created if missing), else None.
+
+    Checked before torch is even loaded. The usual cause is a container: `docker run -v "$PWD/runs:/output"`
+    makes a missing host folder owned by root, and the image's user (10001) cannot write to a root-owned one.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as error:
+        return (
+            f"VAT_OUTPUT_DIR={str(folder)!r} is not writable by this process (uid {os.getuid()}, gid {os.getgid()}): "
+            f"{error.strerror or error}; make it writable by that user, or with docker run create the host folder "
+            f'first (mkdir -p runs) and pass --user "$(id -u):$(id -g)"'
+        )
+    return None

@@ -79,7 +79,15 @@ def _download_verified(
 ) -> None:
     if not mirrors:
         raise DataError(f"{folder / name} is missing or corrupt and no mirror is configured (set VAT_MNIST_MIRRORS)")
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as error:
+        raise DataError(
+            f"{folder / name} is missing or corrupt and {folder} cannot be written to download it "
+            f"({error.strerror or error}): put the four MNIST *-ubyte files there (in a container: mount a folder "
+            f"that holds MNIST/raw/ at VAT_DATA_DIR), or make the folder writable"
+        ) from None
     failures = []
     for mirror in mirrors:
         url = mirror.rstrip("/") + "/" + name + ".gz"

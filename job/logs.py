@@ -23,11 +23,13 @@ class _RunLogFile:
 
     def __init__(self) -> None:
         self.handle: TextIO | None = None
+        self.tracebacks = structlog.processors.dict_tracebacks
         self.render = structlog.processors.JSONRenderer()
 
     def __call__(self, logger: Any, name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
         if self.handle is not None:
-            self.handle.write(str(self.render(logger, name, dict(event_dict))) + "\n")
+            line = self.render(logger, name, self.tracebacks(logger, name, dict(event_dict)))
+            self.handle.write(str(line) + "\n")
             self.handle.flush()
         return event_dict
 
@@ -38,19 +40,21 @@ _run_log = _RunLogFile()
 def configure_logging(log_format: str = "json", level: str = "info", stream: TextIO | None = None) -> None:
     """Configure structlog for the whole process; safe to call again (tests do)."""
     stream = stream or sys.stdout
-    renderer: Any
+    # An exception travels as `exc_info` to the end: the run log and the JSON renderer turn it into a structured
+    # `exception` (a list of frames), the console renderer prints the traceback itself, once (it cannot take
+    # the structured form).
+    renderers: list[Any]
     if log_format == "console":
-        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
+        renderers = [structlog.dev.ConsoleRenderer(colors=stream.isatty())]
     else:
-        renderer = structlog.processors.JSONRenderer()
+        renderers = [structlog.processors.dict_tracebacks, structlog.processors.JSONRenderer()]
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.dict_tracebacks,
             _run_log,
-            renderer,
+            *renderers,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         logger_factory=structlog.PrintLoggerFactory(file=stream),
