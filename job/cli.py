@@ -138,7 +138,7 @@ def output_dir_problem(folder: Path) -> str | None:
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as error:
         return (
-            f"VAT_OUTPUT_DIR={str(folder)!r} is not writable by this process (uid {os.getuid()}, gid {os.getgid()}): "
+            f"VAT_OUTPUT_DIR={folder} is not writable by this process (uid {os.getuid()}, gid {os.getgid()}): "
             f"{error.strerror or error}; make it writable by that user, or with docker run create the host folder "
             f'first (mkdir -p runs) and pass --user "$(id -u):$(id -g)"'
         )

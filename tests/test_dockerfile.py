@@ -1,0 +1,40 @@
+"""The Dockerfile without an engine: lint and the promises the manifests and the README rely on (the image
+itself is run by tests/test_container.py)."""
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name) or str(Path(sys.executable).with_name(name))
+    if not Path(path).exists():
+        pytest.skip(f"{name} is not installed")
+    return path
+
+
+def test_dockerfile_passes_hadolint_with_no_ignored_rule():
+    result = subprocess.run([tool("hadolint"), str(REPO / "Dockerfile")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "hadolint ignore" not in (REPO / "Dockerfile").read_text()
+
+
+def test_dockerfile_runs_as_numeric_non_root_user_with_exec_form_entrypoint():
+    text = (REPO / "Dockerfile").read_text()
+    user = re.findall(r"^USER\s+(\d+):(\d+)\s*$", text, re.M)
+    assert user and user[-1][0] != "0"
+    assert re.search(r'^ENTRYPOINT \["vat-job"\]$', text, re.M), "exec form, so SIGTERM reaches Python"
+    assert "PYTHONUNBUFFERED=1" in text
+    # Installed from pyproject.toml: its dependency list first (a layer of its own), then the project.
+    assert "['project']['dependencies']" in text and "pip install --no-cache-dir --no-deps --no-compile ." in text
+
+
+def test_dockerignore_keeps_the_context_small():
+    lines = (REPO / ".dockerignore").read_text().split()
+    assert lines[lines.index("*")] == "*" and "!job/" in lines and "!pyproject.toml" in lines
