@@ -16,10 +16,8 @@ import job.cli
 def run_job(settings, stop, log):
     raise RuntimeError("a bug in the job")
 
-sys.modules["job.__main__"] = type(sys)("job.__main__")
-sys.modules["job.__main__"].run_job = run_job
-for name in ("job.run",):  # where run_job lives after the move out of job/__main__.py
-    sys.modules[name] = sys.modules["job.__main__"]
+sys.modules["job.run"] = type(sys)("job.run")
+sys.modules["job.run"].run_job = run_job
 sys.exit(job.cli.main([]))
 """
 
