@@ -8,6 +8,7 @@ reaches stdout that is not a JSON line.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -15,7 +16,31 @@ from typing import Any, TextIO
 
 import structlog
 
+# user:password@ (or token@) in any URL: masked wherever it appears, in every log line and in report.json.
+_URL_CREDENTIALS = re.compile(r"(?<=//)[^/@\s]+@")
+
+
+def redact(value: Any) -> Any:
+    """`value` with URL credentials masked, in strings and inside lists and dicts."""
+    if isinstance(value, str):
+        return _URL_CREDENTIALS.sub("***@", value)
+    if isinstance(value, list | tuple):
+        return [redact(item) for item in value]
+    if isinstance(value, dict):
+        return {key: redact(item) for key, item in value.items()}
+    return value
+
+
+def _redact_event(logger: Any, name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    return {key: redact(value) for key, value in event_dict.items()}
+
+
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+# Tracebacks as structured frames, without the frames' local variables: one may hold a credential (botocore's
+# frozen credentials).
+_TRACEBACKS = structlog.processors.ExceptionRenderer(structlog.tracebacks.ExceptionDictTransformer(show_locals=False))
 
 
 class _RunLogFile:
@@ -23,14 +48,18 @@ class _RunLogFile:
 
     def __init__(self) -> None:
         self.handle: TextIO | None = None
-        self.tracebacks = structlog.processors.dict_tracebacks
+        self.tracebacks = _TRACEBACKS
         self.render = structlog.processors.JSONRenderer()
 
     def __call__(self, logger: Any, name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
         if self.handle is not None:
-            line = self.render(logger, name, self.tracebacks(logger, name, dict(event_dict)))
-            self.handle.write(str(line) + "\n")
-            self.handle.flush()
+            event = self.tracebacks(logger, name, dict(event_dict))
+            line = self.render(logger, name, _redact_event(logger, name, event))
+            try:
+                self.handle.write(str(line) + "\n")
+                self.handle.flush()
+            except OSError:  # disk full: the line still reaches stdout; the file copy stops here
+                self.handle = None
         return event_dict
 
 
@@ -47,12 +76,13 @@ def configure_logging(log_format: str = "json", level: str = "info", stream: Tex
     if log_format == "console":
         renderers = [structlog.dev.ConsoleRenderer(colors=stream.isatty())]
     else:
-        renderers = [structlog.processors.dict_tracebacks, structlog.processors.JSONRenderer()]
+        renderers = [_TRACEBACKS, _redact_event, structlog.processors.JSONRenderer()]
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _redact_event,
             _run_log,
             *renderers,
         ],

@@ -7,15 +7,20 @@ hyperparameters to the seed article's; a variable set explicitly always wins ove
 
 from __future__ import annotations
 
+import difflib
+import json
 import os
 import re
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+from dotenv import dotenv_values
 from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
+
+from job.logs import redact
 
 ENV_PREFIX = "VAT_"
 
@@ -40,7 +45,8 @@ ARTICLE_PRESET: dict[str, Any] = {
 }
 
 UNKNOWN_SETTING = "unknown setting (a typo?); the settings are listed in .env.example"
-RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # used with fullmatch: no trailing newline
+BUCKET_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 
 
 class ConfigError(Exception):
@@ -80,14 +86,14 @@ class Settings(BaseSettings):
         env_prefix=ENV_PREFIX,
         env_file=".env",
         env_file_encoding="utf-8",
-        extra="forbid",
+        extra="ignore",  # .env may hold other variables (AWS_*...); unknown VAT_* names are refused below
         validate_default=True,
     )
 
     # Where things are.
     preset: Literal["default", "article"] = "default"
     data_dir: Path = Path("data")
-    mnist_mirrors: list[str] = Field(
+    mnist_mirrors: Annotated[list[str], NoDecode] = Field(
         default=[
             "https://ossci-datasets.s3.amazonaws.com/mnist/",
             "http://yann.lecun.com/exdb/mnist/",
@@ -152,6 +158,8 @@ class Settings(BaseSettings):
     s3_checksums: Literal["when_required", "when_supported"] = "when_required"
     s3_max_attempts: int = Field(default=5, ge=1, le=20)
     s3_connect_timeout_s: float = Field(default=5.0, gt=0)
+    s3_read_timeout_s: float = Field(default=20.0, gt=0, le=600)
+    lock_wait_s: float = Field(default=150.0, ge=0)
 
     # Promotion of a finished run's VAT model to s3://<bucket>/<prefix>/<promote_to>/ behind a quality gate.
     promote_to: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -199,9 +207,37 @@ class Settings(BaseSettings):
     @field_validator("run_id")
     @classmethod
     def _run_id_is_a_path_segment(cls, value: str) -> str:
-        if not RUN_ID_PATTERN.match(value):
+        if not RUN_ID_PATTERN.fullmatch(value):
             raise ValueError(
                 "must be 1-128 characters of letters, digits, '.', '_' or '-', starting with a letter or digit"
+            )
+        return value
+
+    @field_validator("mnist_mirrors", mode="before")
+    @classmethod
+    def _mirrors_from_text(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                try:
+                    value = json.loads(text)
+                except json.JSONDecodeError:
+                    raise ValueError("must be a JSON list of URLs, or URLs separated by commas") from None
+            else:
+                value = [part.strip() for part in text.split(",") if part.strip()]
+        if isinstance(value, list):
+            for url in value:
+                if not isinstance(url, str) or not re.match(r"https?://[^/\s]", url):
+                    raise ValueError("every mirror must be an http:// or https:// URL")
+        return value
+
+    @field_validator("s3_bucket")
+    @classmethod
+    def _bucket_is_a_name(cls, value: str | None) -> str | None:
+        if value is not None and not BUCKET_PATTERN.fullmatch(value):
+            raise ValueError(
+                "is not a bucket name (unset the variable for local output only, or name a bucket: "
+                "letters, digits, '.', '_' or '-')"
             )
         return value
 
@@ -236,11 +272,7 @@ class Settings(BaseSettings):
         """The settings as JSON-ready values, with anything secret-looking redacted."""
         out: dict[str, Any] = {}
         for name, value in self.model_dump(mode="json").items():
-            if re.search(r"secret|password|token|key", name):
-                value = "***"
-            elif isinstance(value, str):
-                value = re.sub(r"//[^/@]+@", "//***@", value)
-            out[name] = value
+            out[name] = "***" if re.search(r"secret|password|token|key", name) else redact(value)
         return out
 
 
@@ -248,24 +280,45 @@ def env_name(field: str) -> str:
     return ENV_PREFIX + field.upper()
 
 
-def _unknown_variables(environ: dict[str, str]) -> list[str]:
+def _unknown_variables(environ: dict[str, str | None]) -> list[str]:
     known = {env_name(name) for name in Settings.model_fields}
     return sorted(k for k in environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known)
 
 
+def _unknown_message(name: str, where: str) -> str:
+    """The variable's name only: its value may be a secret put under a mistyped name."""
+    known = [env_name(field) for field in Settings.model_fields]
+    close = difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.8)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"{name} in {where}: {UNKNOWN_SETTING}{hint}"
+
+
 def load_settings(env_file: str | Path | None = ".env", **overrides: Any) -> Settings:
-    """Read and validate the settings; raise ConfigError with one line that says what to fix."""
+    """Read and validate the settings; raise ConfigError with one line that says what to fix.
+
+    No message ever shows the value of a variable that is not a setting (it may be a secret under a
+    mistyped name), and URL credentials in values are masked."""
     unknown = _unknown_variables(dict(os.environ))
     if unknown:
-        name = unknown[0]
-        raise ConfigError(f"{name}={os.environ[name]!r}: {UNKNOWN_SETTING}")
+        raise ConfigError(_unknown_message(unknown[0], "the environment"))
+    file_values: dict[str, str | None] = {}
+    if env_file is not None and Path(env_file).is_file():
+        try:
+            file_values = dotenv_values(env_file, encoding="utf-8")
+        except (UnicodeDecodeError, OSError, ValueError) as error:
+            raise ConfigError(f"{env_file} cannot be read as UTF-8 KEY=value lines ({type(error).__name__})") from None
+        unknown = _unknown_variables(file_values)
+        if unknown:
+            raise ConfigError(_unknown_message(unknown[0], str(env_file)))
     try:
         return Settings(_env_file=env_file, **overrides)
     except ValidationError as error:
-        raise ConfigError(_one_line(error, dict(os.environ))) from None
+        raise ConfigError(redact(_one_line(error, {**file_values, **os.environ}))) from None
+    except (SettingsError, UnicodeDecodeError) as error:
+        raise ConfigError(redact(f"settings cannot be read: {error}")) from None
 
 
-def _one_line(error: ValidationError, env: dict[str, str]) -> str:
+def _one_line(error: ValidationError, env: dict[str, Any]) -> str:
     problems = []
     for item in error.errors():
         loc = [str(part) for part in item["loc"]]

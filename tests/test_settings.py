@@ -64,7 +64,10 @@ def test_run_id_is_generated_unique():
         ("VAT_TRAIN_STEPS", "12.5", "integer"),
         ("VAT_AMP", "fp8", "'off', 'bf16' or 'fp16'"),
         ("VAT_RUN_ID", "../etc", "letters, digits"),
-        ("VAT_EPSILLON", "2", "unknown setting"),
+        ("VAT_RUN_ID", "abc\n", "letters, digits"),
+        ("VAT_S3_BUCKET", "", "unset the variable for local output only"),
+        ("VAT_MNIST_MIRRORS", '["https://example.org/', "JSON list of URLs"),
+        ("VAT_MNIST_MIRRORS", "ftp://example.org/", "http:// or https://"),
     ],
 )
 def test_invalid_values_name_variable_value_and_what_is_allowed(monkeypatch, name, value, fragment):
@@ -73,7 +76,48 @@ def test_invalid_values_name_variable_value_and_what_is_allowed(monkeypatch, nam
         load_settings(env_file=None)
     message = str(info.value)
     assert name in message and repr(value) in message and fragment in message
-    assert "\n" not in message
+    assert "\n" not in message and "password" not in message
+
+
+def test_unknown_variables_are_named_but_their_values_never_shown(monkeypatch, tmp_path):
+    monkeypatch.setenv("VAT_EPSILLON", "2")
+    with pytest.raises(ConfigError, match=r"VAT_EPSILLON in the environment: unknown setting.*VAT_EPSILON\?") as info:
+        load_settings(env_file=None)
+    assert "'2'" not in str(info.value)
+    monkeypatch.delenv("VAT_EPSILLON")
+    monkeypatch.setenv("VAT_AWS_SECRET_ACCESS_KEY", "hunter2-secret")
+    with pytest.raises(ConfigError, match="VAT_AWS_SECRET_ACCESS_KEY") as info:
+        load_settings(env_file=None)
+    assert "hunter2" not in str(info.value)
+
+
+def test_dotenv_may_hold_credentials_and_its_typos_are_named_as_written(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("AWS_SECRET_ACCESS_KEY=hunter2-secret\nAWS_ACCESS_KEY_ID=AKIA0\nVAT_EPSILON=3\n")
+    assert load_settings(env_file=env_file).epsilon == 3.0, "non-VAT_ lines (docker --env-file's AWS_*) are not ours"
+    env_file.write_text("VAT_TYPO=hunter2-secret\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(env_file=env_file)
+    assert "VAT_TYPO in " in str(info.value) and "VAT_VAT_" not in str(info.value) and "hunter2" not in str(info.value)
+
+
+def test_a_binary_dotenv_is_a_config_error(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ConfigError, match="cannot be read as UTF-8"):
+        load_settings(env_file=env_file)
+
+
+def test_mirrors_accept_one_url_or_a_list_and_their_credentials_are_redacted(monkeypatch):
+    monkeypatch.setenv("VAT_MNIST_MIRRORS", "https://example.org/mnist/")
+    assert load_settings(env_file=None).mnist_mirrors == ["https://example.org/mnist/"]
+    monkeypatch.setenv("VAT_MNIST_MIRRORS", '["http://user:password@host/mnist/", "https://b/"]')
+    public = load_settings(env_file=None).public_dict()
+    assert public["mnist_mirrors"] == ["http://***@host/mnist/", "https://b/"]
+    monkeypatch.setenv("VAT_MNIST_MIRRORS", '["http://user:password@host/mnist/"')
+    with pytest.raises(ConfigError) as info:
+        load_settings(env_file=None)
+    assert "password" not in str(info.value) and "VAT_MNIST_MIRRORS" in str(info.value)
 
 
 def test_dotenv_file_is_honoured_and_typos_in_it_are_refused(tmp_path):
@@ -117,7 +161,15 @@ def clean_env(**extra) -> dict:
 
 @pytest.mark.parametrize(
     "extra",
-    [{"VAT_EPSILON": "-1"}, {"VAT_DEVICE": "tpu"}, {"VAT_TRAIN_STEPS": "ten"}, {"VAT_EPSILLON": "2"}],
+    [
+        {"VAT_EPSILON": "-1"},
+        {"VAT_DEVICE": "tpu"},
+        {"VAT_TRAIN_STEPS": "ten"},
+        {"VAT_EPSILLON": "2"},
+        {"VAT_AWS_SECRET_ACCESS_KEY": "hunter2-secret"},
+        {"VAT_MNIST_MIRRORS": '["http://user:hunter2-secret@example.org/mnist/"'},
+        {"VAT_S3_BUCKET": ""},
+    ],
 )
 def test_bad_setting_exits_2_with_one_json_line_before_any_work(tmp_path, extra):
     result = run_job(clean_env(VAT_OUTPUT_DIR=str(tmp_path / "out"), **extra))
@@ -127,6 +179,7 @@ def test_bad_setting_exits_2_with_one_json_line_before_any_work(tmp_path, extra)
     record = json.loads(lines[0])
     assert record["event"] == "config_error" and record["level"] == "error"
     assert next(iter(extra)) in record["message"]
+    assert "hunter2" not in result.stdout + result.stderr and not result.stderr
     assert not (tmp_path / "out").exists()
 
 
