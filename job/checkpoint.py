@@ -3,6 +3,7 @@ settings a checkpoint must share with the run that resumes from it."""
 
 from __future__ import annotations
 
+import io
 import pickle
 import re
 import zipfile
@@ -83,7 +84,11 @@ def checkpoint_name(step: int) -> str:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    atomic_write_bytes(path, lambda handle: torch.save(state, handle))
+    """Serialised in memory first (a few MB), so that a full disk is an OSError (DiskFull), not torch's
+    "unexpected pos" from inside its zip writer."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, lambda handle: handle.write(buffer.getbuffer()))
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

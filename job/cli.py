@@ -6,9 +6,13 @@ Exit codes (documented in the README):
   2  configuration error: a setting is invalid, or a run id is reused with other training settings
   3  data error: MNIST missing, corrupt and not downloadable
   4  storage error: the bucket is unreachable, missing or access is denied (local artifacts are kept)
-  5  interrupted by SIGTERM/SIGINT: a checkpoint was written; run again with the same VAT_RUN_ID to resume
+  5  interrupted by SIGTERM/SIGINT: a checkpoint was written (or nothing was trained yet); run again with the same
+     VAT_RUN_ID to resume. Every wait (network, download, upload) is bounded so that this comes within the grace
   6  quality gate refused (VAT_PROMOTE_TO): the run is complete and kept in the bucket, but its model was not
      promoted (not accurate enough, or worse than the promoted one); the Job fails so that alerts fire
+  7  run locked: another job is writing the same run id (this machine, or a node sharing the bucket)
+  8  verification failed (collect --download): the run's files do not match its manifest, or keys were unsafe
+  9  disk full: the run folder could not be written (no space or quota); what was written before is kept
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ EXIT_DATA = 3
 EXIT_STORAGE = 4
 EXIT_INTERRUPTED = 5
 EXIT_GATE_REFUSED = 6
+EXIT_LOCKED = 7
+EXIT_UNVERIFIED = 8
+EXIT_DISK_FULL = 9
 
 USAGE = """usage: vat-job            run the job (settings from VAT_* environment variables, see .env.example)
        vat-job collect    list runs in the bucket (see vat-job collect --help)"""
@@ -81,9 +88,11 @@ def run() -> int:
     # Imported here so that `vat-job --help` and settings errors answer without loading torch.
     from job.checkpoint import ResumeMismatch
     from job.data import DataError
+    from job.layout import DiskFull
+    from job.lock import RunLocked
     from job.promote import GateRefused
     from job.run import run_job
-    from job.stop import Interrupted, StopFlag
+    from job.stop import Interrupted, StopFlag, Stopped
     from job.storage import StorageError
 
     stop = StopFlag()
@@ -120,6 +129,25 @@ def run() -> int:
             message="run again with the same VAT_RUN_ID to resume",
         )
         return EXIT_INTERRUPTED
+    except Stopped as error:
+        log.warning(
+            "interrupted",
+            signal=error.signal_name,
+            message=f"{error}; local artifacts kept in {settings.output_dir / settings.run_id}: "
+            "run again with the same VAT_RUN_ID to resume",
+            exit_code=EXIT_INTERRUPTED,
+        )
+        return EXIT_INTERRUPTED
+    except RunLocked as error:
+        log.error("run_locked", message=str(error), exit_code=EXIT_LOCKED)
+        return EXIT_LOCKED
+    except DiskFull as error:
+        log.error(
+            "disk_full",
+            message=f"{error}: free space under VAT_OUTPUT_DIR, then run again with the same VAT_RUN_ID to resume",
+            exit_code=EXIT_DISK_FULL,
+        )
+        return EXIT_DISK_FULL
     except Exception:
         log.exception("internal_error", exit_code=EXIT_INTERNAL)
         return EXIT_INTERNAL

@@ -3,7 +3,7 @@
     vat-job collect [--format table|json|csv]          every run under s3://<bucket>/<prefix>/runs/, oldest first
     vat-job collect --group NAME                        only the runs of one group (a sweep, the nightly, one-off)
     vat-job collect --group NAME --trend [--plot PNG]   accuracy of one group over time, as a table and a PNG
-    vat-job collect --run RUN_ID --download DIR         fetch one run's artifacts
+    vat-job collect --run RUN_ID --download DIR         fetch one run's artifacts, verified against its manifest
     vat-job collect --promoted DIR                      fetch the promoted model, report and pointer
 
 Runs of the same group (VAT_RUN_GROUP: a sweep's name, the nightly CronJob's name, one-off) and the same
@@ -23,9 +23,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from job.layout import MANIFEST, REPORT
-from job.settings import ConfigError, load_settings
+from job.layout import MANIFEST, NO_SPACE, REPORT
+from job.settings import RUN_ID_PATTERN, ConfigError, load_settings
 from job.storage import RunStore, StorageError, client_from_settings, list_run_ids
+from job.verify import download_run, fetch_json_or_problem, manifest_problems
 
 METRICS = [
     (m, t, k) for m in ("baseline", "vat") for t in ("seeded_test", "mnist_test") for k in ("accuracy", "macro_f1")
@@ -64,23 +65,32 @@ def metric_name(model: str, test_set: str, metric: str) -> str:
 
 
 def read_runs(store_for: Any, run_ids: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per run; a run whose report or manifest is unreadable or inconsistent is "damaged", with the
+    reason in `problem`, and the other runs are listed as usual."""
     rows = []
     for run_id in run_ids:
         store: RunStore = store_for(run_id)
         objects = store.remote_objects()
-        row: dict[str, Any] = {
-            "run_id": run_id,
-            "status": "complete" if MANIFEST in objects else "incomplete",
-            "objects": len(objects),
-        }
+        row: dict[str, Any] = {"run_id": run_id, "status": "incomplete", "objects": len(objects)}
+        problems = []
+        if MANIFEST in objects:
+            manifest, problem = fetch_json_or_problem(store, MANIFEST)
+            problems += [problem] if problem else manifest_problems(manifest, run_id, objects)
         if REPORT in objects:
-            report = store.fetch_json(REPORT)
-            row["created_at"] = report.get("created_at")
-            row["settings"] = report.get("settings", {})
-            row["group"] = report.get("group") or row["settings"].get("run_group") or NO_GROUP
-            for model, test_set, metric in METRICS:
-                value = report.get("models", {}).get(model, {}).get(test_set, {}).get(metric)
-                row[metric_name(model, test_set, metric)] = value
+            report, problem = fetch_json_or_problem(store, REPORT)
+            if problem:
+                problems.append(problem)
+            else:
+                row["created_at"] = report.get("created_at")
+                row["settings"] = report.get("settings", {})
+                row["group"] = report.get("group") or row["settings"].get("run_group") or NO_GROUP
+                for model, test_set, metric in METRICS:
+                    value = report.get("models", {}).get(model, {}).get(test_set, {}).get(metric)
+                    row[metric_name(model, test_set, metric)] = value
+        if problems:
+            row["status"], row["problem"] = "damaged", "; ".join(problems)
+        elif MANIFEST in objects:
+            row["status"] = "complete"
         rows.append(row)
     return sort_by_time(rows)
 
@@ -222,17 +232,29 @@ def main(argv: Sequence[str]) -> int:
             if not args.run:
                 print("vat-job collect: --download needs --run RUN_ID", file=sys.stderr)
                 return 2
-            fetched = store_for(args.run).download(args.download / args.run)
-            if not fetched and not (args.download / args.run).exists():
+            if not RUN_ID_PATTERN.fullmatch(args.run):
+                print(f"vat-job collect: --run {args.run!r} is not a run id", file=sys.stderr)
+                return 2
+            store = store_for(args.run)
+            if not store.remote_objects():
                 print(f"vat-job collect: no run {args.run!r} in the bucket", file=sys.stderr)
                 return 2
+            fetched, problems = download_run(store, args.download / args.run)
             print(f"{len(fetched)} files of run {args.run} in {args.download / args.run}")
-            return 0
+            for problem in problems:
+                print(f"vat-job collect: {args.run}: {problem}", file=sys.stderr)
+            return 8 if problems else 0
         run_ids = [args.run] if args.run else list_run_ids(client, settings.s3_bucket, settings.s3_prefix)
         rows = read_runs(store_for, run_ids)
+        for row in rows:
+            if "problem" in row:
+                print(f"vat-job collect: run {row['run_id']} is damaged: {row['problem']}", file=sys.stderr)
     except StorageError as error:
         print(f"vat-job collect: {error}", file=sys.stderr)
         return 4
+    except OSError as error:  # the download folder cannot be written
+        print(f"vat-job collect: {error.strerror or error}: {error.filename}", file=sys.stderr)
+        return 9 if error.errno in NO_SPACE else 2
     if args.group:
         rows = only_group(rows, args.group)
     if args.trend:

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -24,6 +25,13 @@ MANIFEST = "manifest.json"
 LOG = "log.jsonl"
 FINAL_MODEL = "model.pt"
 PLOTS = "plots"
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class DiskFull(Exception):
+    """The run folder's file system is full (or a quota / file-size limit is reached)."""
 
 
 @dataclass(frozen=True)
@@ -58,7 +66,9 @@ class RunLayout:
 
 
 def atomic_write_bytes(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Call `write(file)` on a temporary file beside `path`, fsync it, then rename it over `path`."""
+    """Call `write(file)` on a temporary file beside `path`, fsync it, then rename it over `path`.
+
+    A full disk raises DiskFull (the file under its final name is untouched)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -67,6 +77,11 @@ def atomic_write_bytes(path: Path, write: Callable[[BinaryIO], object]) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
+    except OSError as error:
+        Path(tmp_name).unlink(missing_ok=True)
+        if error.errno in NO_SPACE:
+            raise DiskFull(f"no space left to write {path} ({error.strerror})") from None
+        raise
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise

@@ -7,6 +7,7 @@ errors to exit codes, and calls `run_job` below. This module never imports `cli`
 from __future__ import annotations
 
 import os
+import re
 import resource
 import time
 from pathlib import Path
@@ -15,32 +16,78 @@ from typing import Any
 import torch
 
 from job import data, evaluate, logs, storage, train
+from job.checkpoint import CHECKPOINT_PATTERN
 from job.device import configure_backend, resolve_device
-from job.layout import PHASES, RunLayout, write_json
+from job.layout import FINAL_MODEL, LOG, PHASES, RunLayout, write_json
+from job.lock import RunLock
 from job.settings import Settings
-from job.stop import StopFlag
+from job.stop import UPLOAD_GRACE_S, StopFlag, Stopped
+
+# What a resume takes from the bucket: checkpoints, final models and the earlier attempts' log; nothing else.
+RESUME_FILES = re.compile(
+    rf"(?:{'|'.join(PHASES)})/(?:{CHECKPOINT_PATTERN.pattern[1:-1]}|{re.escape(FINAL_MODEL)})|{re.escape(LOG)}"
+)
 
 
 def run_job(settings: Settings, stop: StopFlag, log: Any) -> dict[str, Any]:
+    """The run, under its lock: one writer per run id (job/lock.py), released whatever happens."""
     began = time.perf_counter()
     startup_seconds = seconds_since_process_start()  # Python, torch and the job's imports
     device = resolve_device(settings.device)
     configure_backend(device, settings.deterministic)
     layout = RunLayout.of(settings.output_dir, settings.run_id)
-    logs.open_run_log(layout.log)
-    log.info("run_started", output=str(layout.root), device=str(device), preset=settings.preset)
-    store = storage.open_run_store(settings) if settings.s3_bucket else None  # fails fast, before any training
+    with stop.waiting(0):  # nothing to save yet: a signal ends these waits at once
+        store = storage.open_run_store(settings) if settings.s3_bucket else None  # fails fast, before training
+        lock = RunLock(layout.root, store)
+        lock.acquire(settings.lock_wait_s, on_wait=log.warning)
+    try:
+        return _run_locked(settings, stop, log, layout, store, lock, device, began, startup_seconds)
+    finally:
+        try:
+            with stop.waiting(UPLOAD_GRACE_S):
+                lock.release()
+        except Stopped:
+            pass  # out of grace: the lease expires by itself (job/lock.py); the local lock died with us anyway
+
+
+def _run_locked(
+    settings: Settings,
+    stop: StopFlag,
+    log: Any,
+    layout: RunLayout,
+    store: storage.RunStore | None,
+    lock: RunLock,
+    device: torch.device,
+    began: float,
+    startup_seconds: float | None,
+) -> dict[str, Any]:
+    fetched: list[str] = []
     if store:
-        fetched = store.download(layout.root, only=lambda relative: relative.startswith(PHASES))
+        with stop.waiting(0):
+            fetched = store.download(
+                layout.root,
+                only=lambda rel: RESUME_FILES.fullmatch(rel) is not None and not (rel == LOG and layout.log.exists()),
+                on_problem=log.warning,
+            )
+    logs.open_run_log(layout.log)  # appends: a resumed run's log.jsonl keeps the earlier attempts' lines
+    log.info(
+        "run_started",
+        output=str(layout.root),
+        device=str(device),
+        preset=settings.preset,
+        storage=f"s3://{settings.s3_bucket}/{store.run_prefix}" if store else "local only (VAT_S3_BUCKET unset)",
+    )
+    if store:
         log.info("storage_ready", bucket=settings.s3_bucket, prefix=store.run_prefix, fetched_for_resume=fetched)
 
-    raw = data.ensure_mnist(
-        settings.data_dir,
-        settings.mnist_mirrors,
-        retries=settings.download_retries,
-        timeout_s=settings.download_timeout_s,
-        on_event=log.warning,
-    )
+    with stop.waiting(0):
+        raw = data.ensure_mnist(
+            settings.data_dir,
+            settings.mnist_mirrors,
+            retries=settings.download_retries,
+            timeout_s=settings.download_timeout_s,
+            on_event=log.warning,
+        )
     split = data.load_mnist(
         raw, settings.test_split_seed, settings.label_split_seed, settings.num_labeled, settings.num_unlabeled
     ).to(device)
@@ -57,7 +104,7 @@ def run_job(settings: Settings, stop: StopFlag, log: Any) -> dict[str, Any]:
     hooks = train.Hooks(
         log=log,
         on_corrupt=lambda path, error: log.warning("checkpoint_corrupt", path=str(path), error=str(error)),
-        on_checkpoint=lambda path: upload_as_training_goes(store, layout, path, log),
+        on_checkpoint=lambda path: upload_as_training_goes(store, layout, path, log, stop),
     )
     # Both models train before either is evaluated: on the CPU, evaluation's allocations between the two
     # would fragment the heap that the VAT updates reuse (0.43 -> 0.51 s per update).
@@ -116,7 +163,9 @@ def run_job(settings: Settings, stop: StopFlag, log: Any) -> dict[str, Any]:
     )
     if store:
         logs.close_run_log()  # the log is complete: what follows goes to stdout only
-        manifest = store.upload_run(layout, on_event=log.info)
+        lock.check()  # never two writers: a job whose lease was taken over does not write the manifest
+        with stop.waiting(UPLOAD_GRACE_S):
+            manifest = store.upload_run(layout, on_event=log.info)
         log.info("run_uploaded", bucket=settings.s3_bucket, prefix=store.run_prefix, files=len(manifest["files"]))
         if settings.promote_to:
             from job import promote
@@ -135,13 +184,16 @@ def seconds_since_process_start() -> float | None:
         return None
 
 
-def upload_as_training_goes(store: storage.RunStore | None, layout: RunLayout, path: Any, log: Any) -> None:
+def upload_as_training_goes(
+    store: storage.RunStore | None, layout: RunLayout, path: Any, log: Any, stop: StopFlag
+) -> None:
     """Checkpoints reach the bucket as they are written; a failed upload is retried by the final upload."""
     if store is None:
         return
     relative = path.relative_to(layout.root).as_posix()
     try:
-        store.upload(path, relative)
+        with stop.waiting(UPLOAD_GRACE_S):
+            store.upload(path, relative)
         log.info("checkpoint_uploaded", file=relative)
     except storage.StorageError as error:
         log.warning("checkpoint_upload_failed", path=str(path), error=str(error), kept_locally=True)

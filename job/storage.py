@@ -4,10 +4,15 @@
 
 Endpoint and credentials come from boto3's own chain (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
 profiles, instance roles...), never from VAT_* settings, and are never logged.
+
+The bucket's contents are untrusted input: an object key decides a local path only when every segment of it is
+a plain name (no "..", no empty segment, no absolute path, no folder marker, no hidden name), and a download
+lands under its final name only once its bytes match the sha256 recorded when it was uploaded.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -16,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import boto3
+from boto3.exceptions import Boto3Error
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
@@ -29,12 +35,38 @@ class StorageError(Exception):
     """The bucket is unreachable, missing, or access is denied; the message says which and what to check."""
 
 
+STORAGE_ERRORS = (ClientError, BotoCoreError, Boto3Error)
+
+
+def safe_relative(relative: str) -> str | None:
+    """`relative` if it may name a file under a local folder, else None.
+
+    Refused: "" and folder markers ("x/"), absolute paths, "." / ".." / empty segments ("a//b"), backslashes,
+    NUL and control characters, and hidden names (".x": the job's own temporary and lock files)."""
+    if not relative or relative.endswith("/") or "\\" in relative:
+        return None
+    for part in relative.split("/"):
+        if not part or part.startswith(".") or any(ord(c) < 32 or c == "\x7f" for c in part):
+            return None
+    return relative
+
+
+def safe_target(destination: Path, relative: str) -> Path | None:
+    """The local path of an object key, or None when the key would leave `destination`."""
+    if safe_relative(relative) is None:
+        return None
+    target = destination / relative
+    root = destination.resolve()
+    return target if target.resolve().is_relative_to(root) and target.resolve() != root else None
+
+
 def make_client(
     endpoint_url: str | None = None,
     addressing_style: str = "auto",
     checksums: str = "when_required",
     max_attempts: int = 5,
     connect_timeout_s: float = 5.0,
+    read_timeout_s: float = 20.0,
 ) -> Any:
     """A boto3 S3 client that works with AWS and with other S3-compatible servers.
 
@@ -44,7 +76,7 @@ def make_client(
     config = Config(
         retries={"mode": "standard", "max_attempts": max_attempts},
         connect_timeout=connect_timeout_s,
-        read_timeout=60,
+        read_timeout=read_timeout_s,
         s3={"addressing_style": addressing_style},
         request_checksum_calculation=checksums,
         response_checksum_validation=checksums,
@@ -61,6 +93,11 @@ def _describe(error: Exception, bucket: str) -> str:
         if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch") or status == 403:
             return f"access to bucket {bucket!r} denied ({code}): check the credentials (AWS_ACCESS_KEY_ID, ...)"
         return f"bucket {bucket!r}: {code or status}: {error}"
+    if isinstance(error, Boto3Error):  # S3UploadFailedError and friends wrap the ClientError's text
+        text = str(error)
+        if "NoSuchBucket" in text:
+            return f"bucket {bucket!r} does not exist (any more): {text}"
+        return f"bucket {bucket!r}: {text}"
     return f"object storage unreachable ({type(error).__name__}): check AWS_ENDPOINT_URL / VAT_S3_ENDPOINT_URL"
 
 
@@ -88,7 +125,7 @@ class RunStore:
     def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (ClientError, BotoCoreError) as error:
+        except STORAGE_ERRORS as error:
             raise StorageError(_describe(error, self.bucket)) from None
 
     def preflight(self) -> None:
@@ -107,7 +144,10 @@ class RunStore:
             self.bucket,
             self.key(relative),
             ExtraArgs={"Metadata": {"sha256": sha256}},
-            Config=TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD),
+            # In the main thread: a signal then ends the wait (job.stop), where worker threads would keep it going.
+            Config=TransferConfig(
+                multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD, use_threads=False
+            ),
         )
         size, stored_sha256 = self.stored(relative)
         if size != path.stat().st_size or stored_sha256 != sha256:
@@ -149,19 +189,60 @@ class RunStore:
         body = self._call(self.client.get_object, Bucket=self.bucket, Key=self.key(relative))["Body"].read()
         return json.loads(body)
 
-    def download(self, destination: Path, only: Callable[[str], bool] = lambda relative: True) -> list[str]:
-        """Fetch this run's objects into `destination` (atomically per file), skipping files already there."""
+    def download(
+        self,
+        destination: Path,
+        only: Callable[[str], bool] = lambda relative: True,
+        on_problem: Callable[..., None] = lambda event, **kw: None,
+        require_sha256: bool = True,
+    ) -> list[str]:
+        """Fetch this run's objects into `destination`, skipping files already there; return what was fetched.
+
+        A key that is not a plain relative path, or an object whose bytes do not match the sha256 recorded at
+        upload (or that has none, with `require_sha256`), is reported through `on_problem` and not written."""
         fetched = []
         for relative, size in self.remote_objects().items():
-            target = destination / relative
-            if not only(relative) or (target.is_file() and target.stat().st_size == size):
+            if not only(relative):
                 continue
-            target.parent.mkdir(parents=True, exist_ok=True)
+            target = safe_target(destination, relative)
+            if target is None:
+                on_problem("object_skipped", key=self.key(relative), reason="not a plain relative path")
+                continue
+            if target.is_file() and target.stat().st_size == size:
+                continue
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as error:  # e.g. "a" and "a/b" both in the bucket
+                on_problem("object_skipped", key=self.key(relative), reason=f"cannot create its folder: {error}")
+                continue
             partial = target.with_name(f".{target.name}.part")
-            self._call(self.client.download_file, self.bucket, self.key(relative), str(partial))
+            problem = self._fetch_verified(relative, partial, require_sha256)
+            if problem:
+                partial.unlink(missing_ok=True)
+                on_problem("object_not_verified", key=self.key(relative), reason=problem)
+                continue
             os.replace(partial, target)
             fetched.append(relative)
         return fetched
+
+    def _fetch_verified(self, relative: str, partial: Path, require_sha256: bool) -> str | None:
+        """Stream one object to `partial`; a reason when its bytes do not match its recorded sha256, else None."""
+        response = self._call(self.client.get_object, Bucket=self.bucket, Key=self.key(relative))
+        recorded = response.get("Metadata", {}).get("sha256")
+        if recorded is None and require_sha256:
+            response["Body"].close()
+            return "no sha256 recorded at upload"
+        digest = hashlib.sha256()
+        with partial.open("wb") as out:
+            try:
+                for chunk in response["Body"].iter_chunks(1 << 20):
+                    digest.update(chunk)
+                    out.write(chunk)
+            except STORAGE_ERRORS as error:
+                raise StorageError(_describe(error, self.bucket)) from None
+        if recorded is not None and digest.hexdigest() != recorded:
+            return f"sha256 {digest.hexdigest()[:12]}... differs from the one recorded at upload ({recorded[:12]}...)"
+        return None
 
 
 def local_files(layout: RunLayout) -> Iterator[Path]:
@@ -178,9 +259,9 @@ def list_run_ids(client: Any, bucket: str, prefix: str) -> list[str]:
     try:
         for page in paginator.paginate(Bucket=bucket, Prefix=root, Delimiter="/"):
             ids += [p["Prefix"][len(root) :].rstrip("/") for p in page.get("CommonPrefixes", [])]
-    except (ClientError, BotoCoreError) as error:
+    except STORAGE_ERRORS as error:
         raise StorageError(_describe(error, bucket)) from None
-    return sorted(ids)
+    return sorted(i for i in ids if safe_relative(i) is not None)
 
 
 def client_from_settings(settings: Any) -> Any:
@@ -190,6 +271,7 @@ def client_from_settings(settings: Any) -> Any:
         settings.s3_checksums,
         settings.s3_max_attempts,
         settings.s3_connect_timeout_s,
+        settings.s3_read_timeout_s,
     )
 
 

@@ -1,0 +1,320 @@
+"""Issue 11: a hostile bucket, a flaky or hung server, a second copy of the job, a full disk. Every server is real
+and on 127.0.0.1: moto's, and tests/faultproxy.py in front of it where a row needs a failing or hung one."""
+
+import hashlib
+import json
+import resource
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from job.lock import RunLock, RunLocked
+from job.storage import RunStore, make_client
+from tests.conftest import REPO, job_env
+from tests.faultproxy import FaultProxy
+from tests.test_storage import BUCKET, env_for, events, objects, run, s3_server  # noqa: F401  (fixture)
+
+PREFIX = "team/vat"
+
+
+def put(client, key, body, sha256=None):
+    extra = {"Metadata": {"sha256": sha256}} if sha256 else {}
+    client.put_object(Bucket=BUCKET, Key=key, Body=body, **extra)
+
+
+def outside_files(root, names):
+    return [p for p in root.rglob("*") if p.name in names]
+
+
+def start(env):
+    return subprocess.Popen([sys.executable, "-m", "job"], env=env, stdout=subprocess.PIPE, text=True, cwd=REPO)
+
+
+def read_until(process, predicate, limit_s=240):
+    """Lines of a job's stdout until `predicate(record)` holds (bounded by limit_s: the process is killed)."""
+    timer = threading.Timer(limit_s, process.kill)
+    timer.start()
+    try:
+        for line in process.stdout:
+            record = json.loads(line)
+            if predicate(record):
+                return record
+    finally:
+        timer.cancel()
+    raise AssertionError("the job ended before the expected line")
+
+
+# --- row 1 and 2: keys decide no path outside the folder; folder markers are not files ---------------------
+
+
+def test_collect_download_never_writes_outside_its_folder(tmp_path, s3_server):  # noqa: F811
+    client, run_root = s3_server["client"], f"{PREFIX}/runs/r1/"
+    depth = "../" * (len(tmp_path.parts) + 3)
+    hostile = {
+        run_root + "../../escaped-rel.txt": b"x",
+        run_root + depth + str(tmp_path / "escaped-deep.txt").lstrip("/"): b"x",
+        run_root + "/" + str(tmp_path / "escaped-abs.txt"): b"x",
+        run_root + "baseline/": b"",  # what an S3 console's "Create folder" makes
+        run_root: b"",
+        run_root + "vat/.hidden": b"x",
+    }
+    for key, body in hostile.items():
+        put(client, key, body)
+    put(client, run_root + "report.json", b'{"run_id": "r1"}')
+    put(client, run_root + "baseline/model.pt", b"weights")
+    env = env_for(tmp_path, tmp_path, s3_server)
+    result = run(env, "collect", "--run", "r1", "--download", str(tmp_path / "dl"))
+    assert result.returncode == 8, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert outside_files(tmp_path, {"escaped-rel.txt", "escaped-deep.txt", "escaped-abs.txt", ".hidden"}) == []
+    assert (tmp_path / "dl/r1/report.json").read_bytes() == b'{"run_id": "r1"}'
+    assert (tmp_path / "dl/r1/baseline/model.pt").read_bytes() == b"weights", "a folder marker is not a file"
+    assert result.stderr.count("not a plain relative path") == len(hostile)
+    assert "no manifest.json" in result.stderr
+    bad_id = run(env, "collect", "--run", "../../x", "--download", str(tmp_path / "dl"))
+    assert bad_id.returncode == 2 and "not a run id" in bad_id.stderr
+
+
+def test_the_job_resumes_past_hostile_keys_and_folder_markers(tmp_path, mnist_dir, s3_server):  # noqa: F811
+    client, run_root = s3_server["client"], f"{PREFIX}/runs/r2/"
+    put(client, run_root + "baseline/../../../../../escaped-job.txt", b"x")
+    put(client, run_root + "baseline/", b"")
+    put(client, run_root + "vat//checkpoint-0000002.pt", b"x")
+    result = run(env_for(tmp_path, mnist_dir, s3_server, RUN_ID="r2"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert outside_files(tmp_path, {"escaped-job.txt"}) == [] and not (tmp_path / "escaped-job.txt").exists()
+    assert (tmp_path / "runs/r2/baseline/model.pt").is_file()
+    assert "manifest.json" in objects(client, "r2")
+
+
+# --- row 3: uploads that fail are storage errors (exit 4), local artifacts kept ---------------------------
+
+
+def test_every_put_answered_503_mid_run_is_exit_4_with_local_artifacts(tmp_path, mnist_dir, s3_server):  # noqa: F811
+    proxy = FaultProxy(s3_server["endpoint"])
+    try:
+        env = env_for(tmp_path, mnist_dir, s3_server, RUN_ID="r503", S3_MAX_ATTEMPTS="2")
+        env["AWS_ENDPOINT_URL"] = proxy.url
+        process = start(env)
+        read_until(process, lambda r: r["event"] == "training_started")
+        proxy.mode = "fail_put"
+        rest = process.stdout.read()
+        code = process.wait(timeout=240)
+    finally:
+        proxy.close()
+    seen = events(rest)
+    assert code == 4, rest[-3000:]
+    assert seen[-1]["event"] == "storage_error" and "ServiceUnavailable" in seen[-1]["message"]
+    assert "checkpoint_upload_failed" in [e["event"] for e in seen]
+    assert (tmp_path / "runs/r503/report.json").is_file() and (tmp_path / "runs/r503/vat/model.pt").is_file()
+
+
+# --- row 4: SIGTERM ends any wait within the grace period --------------------------------------------------
+
+
+def test_sigterm_while_the_server_hangs_exits_5_well_within_the_grace_period(tmp_path, mnist_dir, s3_server):  # noqa: F811
+    proxy = FaultProxy(s3_server["endpoint"])
+    try:
+        steps = dict(TRAIN_STEPS="400", CHECKPOINT_EVERY="1000", LOG_EVERY_S="0.01")
+        env = env_for(tmp_path, mnist_dir, s3_server, RUN_ID="hung", **steps)
+        env["AWS_ENDPOINT_URL"] = proxy.url
+        process = start(env)
+        read_until(process, lambda r: r["event"] == "progress" and r["phase"] == "vat")
+        proxy.mode = "hang"  # accepts connections and requests, never answers
+        sent = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        rest = process.stdout.read()
+        code = process.wait(timeout=90)
+        took = time.monotonic() - sent
+    finally:
+        proxy.close()
+    print(f"SIGTERM to exit with a hung storage server: {took:.1f} s")
+    assert code == 5, rest[-2000:]
+    assert took < 40, f"{took:.1f} s from SIGTERM to exit (the grace period is 60 s)"
+    assert events(rest)[-1]["event"] == "interrupted"
+    assert list((tmp_path / "runs/hung/vat").glob("checkpoint-*.pt")), "the SIGTERM checkpoint is kept locally"
+
+
+class HangingMirror:
+    """Accepts connections and requests on 127.0.0.1 and never answers (a hung MNIST mirror)."""
+
+    def __init__(self):
+        import socket
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/"
+        self.held = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        try:
+            while True:
+                self.held.append(self.sock.accept()[0])
+        except OSError:
+            pass
+
+    def close(self):
+        for conn in self.held:
+            conn.close()
+        self.sock.close()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_a_hung_mnist_download_ends_it_at_once(tmp_path, signum):
+    mirror = HangingMirror()
+    try:
+        env = job_env(tmp_path, tmp_path / "data", RUN_ID="dl", MNIST_MIRRORS=mirror.url, DOWNLOAD_TIMEOUT_S="300")
+        process = start(env)
+        read_until(process, lambda r: r["event"] == "run_started", limit_s=120)
+        time.sleep(1.0)  # inside urlopen, waiting for the mirror's answer
+        sent = time.monotonic()
+        process.send_signal(signum)
+        rest = process.stdout.read()
+        code = process.wait(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        mirror.close()
+    assert code == 5, rest
+    assert took < 10, f"{took:.1f} s from the signal to exit"
+    assert events(rest)[-1]["event"] == "interrupted"
+
+
+# --- row 5 and 14: what a resume downloads is verified; the earlier attempts' log is kept ------------------
+
+
+def test_a_checkpoint_changed_in_the_bucket_is_not_used_and_the_log_is_kept(tmp_path, mnist_dir, s3_server):  # noqa: F811
+    import shutil
+
+    client = s3_server["client"]
+    env = env_for(tmp_path, mnist_dir, s3_server, RUN_ID="tampered")
+    first = run(env)
+    assert first.returncode == 0, first.stdout[-2000:]
+    report_before = json.loads((tmp_path / "runs/tampered/report.json").read_text())
+    key = f"{PREFIX}/runs/tampered/vat/checkpoint-0000004.pt"
+    original = client.get_object(Bucket=BUCKET, Key=key)
+    body = bytearray(original["Body"].read())
+    body[len(body) // 2] ^= 0x01  # one flipped bit in the weights: torch.load would not notice
+    put(client, key, bytes(body), original["Metadata"]["sha256"])  # the recorded sha256 kept
+    shutil.rmtree(tmp_path / "runs")
+
+    again = run(env)
+    assert again.returncode == 0, again.stdout[-3000:]
+    seen = events(again.stdout)
+    refused = [e for e in seen if e["event"] == "object_not_verified"]
+    assert [e["key"] for e in refused] == [key] and "differs from the one recorded" in refused[0]["reason"]
+    assert [(e["phase"], e["step"]) for e in seen if e["event"] == "resumed"] == [("baseline", 6), ("vat", 2)]
+    report_after = json.loads((tmp_path / "runs/tampered/report.json").read_text())
+    assert report_after["models"]["vat"]["mnist_test"] == report_before["models"]["vat"]["mnist_test"]
+    repaired = client.get_object(Bucket=BUCKET, Key=key)
+    assert hashlib.sha256(repaired["Body"].read()).hexdigest() == repaired["Metadata"]["sha256"]
+    log_lines = [json.loads(x) for x in (tmp_path / "runs/tampered/log.jsonl").read_text().splitlines()]
+    assert [x["event"] for x in log_lines].count("run_started") == 2, "the first attempt's log lines are kept"
+
+
+# --- row 8: one run id, one writer --------------------------------------------------------------------------
+
+
+def test_a_second_job_on_the_same_run_is_refused_on_this_machine_and_across_nodes(tmp_path, mnist_dir, s3_server):  # noqa: F811
+    env = env_for(tmp_path / "a", mnist_dir, s3_server, RUN_ID="twice", TRAIN_STEPS="400", LOG_EVERY_S="0.01")
+    first = start(env)
+    try:
+        read_until(first, lambda r: r["event"] == "training_started")
+        local_only = {k: v for k, v in env.items() if k != "VAT_S3_BUCKET"}
+        same_folder = run({**local_only, "VAT_SEED": "7", "VAT_LOCK_WAIT_S": "0"}, timeout=120)
+        other_node = run(
+            {**env, "VAT_SEED": "7", "VAT_LOCK_WAIT_S": "1", "VAT_OUTPUT_DIR": str(tmp_path / "b/runs")}, timeout=120
+        )
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.stdout.read()
+        first.wait(timeout=60)
+    assert same_folder.returncode == 7, same_folder.stdout[-2000:]
+    assert events(same_folder.stdout)[-1]["event"] == "run_locked"
+    assert "in use by pid" in events(same_folder.stdout)[-1]["message"]
+    assert other_node.returncode == 7, other_node.stdout[-2000:]
+    message = events(other_node.stdout)[-1]["message"]
+    assert "is being written by" in message and "lease" in message
+    assert not list((tmp_path / "b/runs/twice").glob("*/*.pt")), "the refused job wrote nothing"
+    # the first job released its lease on exit: the run may be resumed at once
+    again = run({**env, "VAT_LOCK_WAIT_S": "0", "VAT_TRAIN_STEPS": "400"}, timeout=600)
+    assert again.returncode == 0, again.stdout[-2000:]
+
+
+def test_a_stale_lease_of_a_killed_job_is_taken_over_after_it_expires(tmp_path, s3_server, monkeypatch):  # noqa: F811
+    for name, value in s3_server["env"].items():
+        monkeypatch.setenv(name, value)
+    store = RunStore(make_client(), BUCKET, PREFIX, "stale")
+    dead = RunLock(tmp_path / "node-a", store, lease_s=1.0)
+    dead.acquire(wait_s=0)
+    dead._done.set()  # killed: no more renewals, no release
+    alive = RunLock(tmp_path / "node-b", store)
+    with pytest.raises(RunLocked, match="is being written by"):
+        alive.acquire(wait_s=0)
+    time.sleep(2.5)
+    alive.acquire(wait_s=0)  # expired: taken over
+    holder = json.loads(s3_server["client"].get_object(Bucket=BUCKET, Key=alive.key)["Body"].read())
+    assert holder["token"] == alive.owner["token"]
+    alive.release()
+    assert "Contents" not in s3_server["client"].list_objects_v2(Bucket=BUCKET, Prefix=alive.key)
+
+
+# --- rows 9 and 10: collect shows the good runs and says which are damaged ----------------------------------
+
+
+def test_collect_reports_damaged_runs_and_verifies_downloads_against_the_manifest(tmp_path, mnist_dir, s3_server):  # noqa: F811
+    client = s3_server["client"]
+    env = env_for(tmp_path, mnist_dir, s3_server, S3_PREFIX="damage")
+    for run_id in ("good", "truncated", "lying"):
+        assert run({**env, "VAT_RUN_ID": run_id}).returncode == 0
+    report_key = "damage/runs/truncated/report.json"
+    put(client, report_key, client.get_object(Bucket=BUCKET, Key=report_key)["Body"].read()[:100])
+    manifest_key = "damage/runs/lying/manifest.json"
+    manifest = json.loads(client.get_object(Bucket=BUCKET, Key=manifest_key)["Body"].read())
+    manifest["run_id"] = "someone-else"
+    manifest["files"]["plots/missing.png"] = {"size": 10, "sha256": "0" * 64}
+    manifest["files"]["report.json"]["sha256"] = "0" * 64
+    put(client, manifest_key, json.dumps(manifest).encode())
+
+    listing = run(env, "collect", "--format", "json")
+    assert listing.returncode == 0 and "Traceback" not in listing.stderr, listing.stderr
+    rows = {row["run_id"]: row for row in json.loads(listing.stdout)["runs"]}
+    assert rows["good"]["status"] == "complete" and rows["good"]["vat.mnist_test.accuracy"] is not None
+    assert rows["truncated"]["status"] == "damaged" and "report.json is not valid JSON" in rows["truncated"]["problem"]
+    assert rows["lying"]["status"] == "damaged" and "someone-else" in rows["lying"]["problem"]
+    assert "plots/missing.png is in the manifest but not in the bucket" in rows["lying"]["problem"]
+
+    good = run(env, "collect", "--run", "good", "--download", str(tmp_path / "dl"))
+    assert good.returncode == 0 and not good.stderr, good.stderr
+    lying = run(env, "collect", "--run", "lying", "--download", str(tmp_path / "dl"))
+    assert lying.returncode == 8, lying.stdout + lying.stderr
+    for fragment in ("someone-else", "plots/missing.png: in the manifest but not downloaded", "report.json: sha256"):
+        assert fragment in lying.stderr
+
+
+# --- row 12: a full disk is its own exit code and message ---------------------------------------------------
+
+
+def test_a_full_disk_is_exit_9_with_a_clear_line(tmp_path, mnist_dir):
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))  # a checkpoint is larger: EFBIG
+
+    env = job_env(tmp_path, mnist_dir, RUN_ID="full")
+    result = subprocess.run(
+        [sys.executable, "-m", "job"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        preexec_fn=small_files,
+    )
+    assert result.returncode == 9, result.stdout[-2000:] + result.stderr[-2000:]
+    last = events(result.stdout)[-1]
+    assert last["event"] == "disk_full" and "no space left to write" in last["message"]
+    assert not [p for p in (tmp_path / "runs/full").rglob(".*.tmp")], "no temporary file left behind"
