@@ -114,11 +114,43 @@ def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def latest_intact_checkpoint(folder: Path, on_corrupt: Any = lambda path, error: None) -> dict[str, Any] | None:
-    """The newest checkpoint of `folder` that loads; broken ones are reported through `on_corrupt` and skipped."""
-    for _, path in list_checkpoints(folder):
+def latest_intact_checkpoint(
+    folder: Path, on_corrupt: Any = lambda path, error: None, expected_model: dict[str, torch.Tensor] | None = None
+) -> dict[str, Any] | None:
+    """The newest checkpoint of `folder` that loads (and, given the model's own state_dict, is consistent with it);
+    broken ones are reported through `on_corrupt` and skipped."""
+    for step, path in list_checkpoints(folder):
         try:
-            return load_checkpoint(path)
+            state = load_checkpoint(path)
+            if expected_model is not None:
+                check_consistent(state, step, expected_model, path)
+            return state
         except CheckpointError as error:
             on_corrupt(path, error)
     return None
+
+
+RESUME_KEYS = ("phase", "step", "model", "optimizer", "scaler", "rng_cpu", "history", "train_seconds", "settings")
+
+
+def check_consistent(state: dict[str, Any], step: int, expected_model: dict[str, torch.Tensor], path: Path) -> None:
+    """A checkpoint a resume may use: every key, the step of its file name, the phase of its folder, and weights
+    of the model's names, shapes and dtypes, all finite. (A changed weight that stays plausible is caught only
+    by the sha256 checks of storage.py, not here.)"""
+    missing = [key for key in RESUME_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(f"{path}: lacks {', '.join(missing)}")
+    if state["step"] != step or state["phase"] != path.parent.name:
+        raise CheckpointError(f"{path}: holds {state['phase']!r} step {state['step']!r}, not its file's")
+    model = state["model"]
+    if not isinstance(model, dict) or set(model) != set(expected_model):
+        raise CheckpointError(f"{path}: not this model's weights")
+    for name, tensor in model.items():
+        want = expected_model[name]
+        if not isinstance(tensor, torch.Tensor) or tensor.shape != want.shape or tensor.dtype != want.dtype:
+            raise CheckpointError(f"{path}: {name} has another shape or type than the model's")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{path}: {name} holds non-finite values")
+    history = state["history"]
+    if not isinstance(history, torch.Tensor) or history.shape[0] != step:
+        raise CheckpointError(f"{path}: its loss history does not have {step} rows")

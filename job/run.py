@@ -21,7 +21,7 @@ from job.device import configure_backend, resolve_device
 from job.layout import FINAL_MODEL, LOG, PHASES, RunLayout, write_json
 from job.lock import RunLock
 from job.settings import Settings
-from job.stop import UPLOAD_GRACE_S, StopFlag, Stopped
+from job.stop import UPLOAD_GRACE_S, Interrupted, StopFlag, Stopped
 
 # What a resume takes from the bucket: checkpoints, final models and the earlier attempts' log; nothing else.
 RESUME_FILES = re.compile(
@@ -108,9 +108,15 @@ def _run_locked(
     )
     # Both models train before either is evaluated: on the CPU, evaluation's allocations between the two
     # would fragment the heap that the VAT updates reuse (0.43 -> 0.51 s per update).
-    results = {
-        phase: train.train_phase(phase, settings, split, device, layout.phase(phase), stop, hooks) for phase in PHASES
-    }
+    try:
+        results = {
+            phase: train.train_phase(phase, settings, split, device, layout.phase(phase), stop, hooks)
+            for phase in PHASES
+        }
+    except Interrupted:
+        # The log goes with the checkpoint, so that a resume on another node keeps this attempt's lines.
+        upload_as_training_goes(store, layout, layout.log, log, stop)
+        raise
     models = {}
     for phase, result in results.items():
         models[phase] = {
@@ -194,6 +200,6 @@ def upload_as_training_goes(
     try:
         with stop.waiting(UPLOAD_GRACE_S):
             store.upload(path, relative)
-        log.info("checkpoint_uploaded", file=relative)
+        log.info("log_uploaded" if relative == LOG else "checkpoint_uploaded", file=relative)
     except storage.StorageError as error:
         log.warning("checkpoint_upload_failed", path=str(path), error=str(error), kept_locally=True)

@@ -26,7 +26,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from job.layout import MANIFEST, RunLayout, sha256_of, write_json
+from job.layout import MANIFEST, NO_SPACE, DiskFull, RunLayout, sha256_of, write_json
 
 MULTIPART_THRESHOLD = 8 * 1024 * 1024
 
@@ -233,13 +233,17 @@ class RunStore:
             response["Body"].close()
             return "no sha256 recorded at upload"
         digest = hashlib.sha256()
-        with partial.open("wb") as out:
-            try:
+        try:
+            with partial.open("wb") as out:
                 for chunk in response["Body"].iter_chunks(1 << 20):
                     digest.update(chunk)
                     out.write(chunk)
-            except STORAGE_ERRORS as error:
-                raise StorageError(_describe(error, self.bucket)) from None
+        except STORAGE_ERRORS as error:
+            raise StorageError(_describe(error, self.bucket)) from None
+        except OSError as error:
+            if error.errno in NO_SPACE:
+                raise DiskFull(f"no space left to download {relative} into {partial.parent}") from None
+            raise
         if recorded is not None and digest.hexdigest() != recorded:
             return f"sha256 {digest.hexdigest()[:12]}... differs from the one recorded at upload ({recorded[:12]}...)"
         return None

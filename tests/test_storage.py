@@ -226,9 +226,12 @@ def test_sigterm_uploads_the_checkpoint_and_a_resume_from_the_bucket_matches(tmp
     stored = objects(s3_server["client"], "preempted")
     assert [name for name in stored if name.startswith("vat/checkpoint-")], "the SIGTERM checkpoint is in the bucket"
     assert "manifest.json" not in stored, "an interrupted run has no manifest"
+    assert "log.jsonl" in stored, "the interrupted attempt's log goes with its checkpoint"
     shutil.rmtree(tmp_path / "b" / "runs")  # the node is gone: resume from the bucket alone
     resumed = run(env)
     assert resumed.returncode == 0, resumed.stdout[-2000:]
+    attempts = (tmp_path / "b/runs/preempted/log.jsonl").read_text().count('"event": "run_started"')
+    assert attempts == 2, "the resumed run's log.jsonl keeps the first attempt's lines"
     a = json.loads((tmp_path / "a/runs/straight/report.json").read_text())["models"]
     b = json.loads((tmp_path / "b/runs/preempted/report.json").read_text())["models"]
     assert a["vat"]["mnist_test"]["confusion_matrix"] == b["vat"]["mnist_test"]["confusion_matrix"]

@@ -201,6 +201,9 @@ def test_a_checkpoint_changed_in_the_bucket_is_not_used_and_the_log_is_kept(tmp_
     body = bytearray(original["Body"].read())
     body[len(body) // 2] ^= 0x01  # one flipped bit in the weights: torch.load would not notice
     put(client, key, bytes(body), original["Metadata"]["sha256"])  # the recorded sha256 kept
+    # a well-formed file in the wrong place, with a sha256 that matches its bytes: loads, but is not this phase's
+    other = (tmp_path / "runs/tampered/baseline/checkpoint-0000006.pt").read_bytes()
+    put(client, f"{PREFIX}/runs/tampered/vat/checkpoint-0000003.pt", other, hashlib.sha256(other).hexdigest())
     shutil.rmtree(tmp_path / "runs")
 
     again = run(env)
@@ -208,6 +211,8 @@ def test_a_checkpoint_changed_in_the_bucket_is_not_used_and_the_log_is_kept(tmp_
     seen = events(again.stdout)
     refused = [e for e in seen if e["event"] == "object_not_verified"]
     assert [e["key"] for e in refused] == [key] and "differs from the one recorded" in refused[0]["reason"]
+    inconsistent = [e for e in seen if e["event"] == "checkpoint_corrupt"]
+    assert [e["path"].rsplit("/", 2)[-2:] for e in inconsistent] == [["vat", "checkpoint-0000003.pt"]]
     assert [(e["phase"], e["step"]) for e in seen if e["event"] == "resumed"] == [("baseline", 6), ("vat", 2)]
     report_after = json.loads((tmp_path / "runs/tampered/report.json").read_text())
     assert report_after["models"]["vat"]["mnist_test"] == report_before["models"]["vat"]["mnist_test"]
