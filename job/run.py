@@ -104,7 +104,7 @@ def _run_locked(
     hooks = train.Hooks(
         log=log,
         on_corrupt=lambda path, error: log.warning("checkpoint_corrupt", path=str(path), error=str(error)),
-        on_checkpoint=lambda path: upload_as_training_goes(store, layout, path, log, stop),
+        on_checkpoint=lambda path: upload_as_training_goes(store, layout, path, log, stop, lock),
     )
     # Both models train before either is evaluated: on the CPU, evaluation's allocations between the two
     # would fragment the heap that the VAT updates reuse (0.43 -> 0.51 s per update).
@@ -115,7 +115,7 @@ def _run_locked(
         }
     except Interrupted:
         # The log goes with the checkpoint, so that a resume on another node keeps this attempt's lines.
-        upload_as_training_goes(store, layout, layout.log, log, stop)
+        upload_as_training_goes(store, layout, layout.log, log, stop, lock)
         raise
     models = {}
     for phase, result in results.items():
@@ -191,11 +191,12 @@ def seconds_since_process_start() -> float | None:
 
 
 def upload_as_training_goes(
-    store: storage.RunStore | None, layout: RunLayout, path: Any, log: Any, stop: StopFlag
+    store: storage.RunStore | None, layout: RunLayout, path: Any, log: Any, stop: StopFlag, lock: RunLock
 ) -> None:
     """Checkpoints reach the bucket as they are written; a failed upload is retried by the final upload."""
     if store is None:
         return
+    lock.check()  # a job whose lease was taken over (it stalled past the lease) stops writing: exit 7
     relative = path.relative_to(layout.root).as_posix()
     try:
         with stop.waiting(UPLOAD_GRACE_S):
