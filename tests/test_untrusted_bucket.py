@@ -322,3 +322,29 @@ def test_a_full_disk_is_exit_9_with_a_clear_line(tmp_path, mnist_dir):
     last = events(result.stdout)[-1]
     assert last["event"] == "disk_full" and "no space left to write" in last["message"]
     assert not [p for p in (tmp_path / "runs/full").rglob(".*.tmp")], "no temporary file left behind"
+
+
+# --- secrets: never in a log line ---------------------------------------------------------------------------
+
+
+def test_log_lines_mask_url_credentials_and_tracebacks_carry_no_local_variables():
+    import io
+
+    from job import logs
+
+    stream = io.StringIO()
+    logs.configure_logging("json", "debug", stream=stream)
+    log = logs.get_logger()
+    log.warning("mnist_download_failed", url="http://user:hunter2@mirror/x.gz", urls=["https://tok3n@b/"])
+
+    def failing(secret_key="hunter2-local"):
+        raise ValueError("boom")
+
+    try:
+        failing()
+    except ValueError:
+        log.exception("internal_error")
+    logs.configure_logging("json", "info")
+    text = stream.getvalue()
+    assert "hunter2" not in text and "tok3n" not in text
+    assert "http://***@mirror/x.gz" in text and '"internal_error"' in text
