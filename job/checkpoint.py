@@ -115,15 +115,17 @@ def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
 
 
 def latest_intact_checkpoint(
-    folder: Path, on_corrupt: Any = lambda path, error: None, expected_model: dict[str, torch.Tensor] | None = None
+    folder: Path,
+    on_corrupt: Any = lambda path, error: None,
+    expected: tuple[str, dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, Any] | None:
-    """The newest checkpoint of `folder` that loads (and, given the model's own state_dict, is consistent with it);
-    broken ones are reported through `on_corrupt` and skipped."""
+    """The newest checkpoint of `folder` that loads (and, given `expected` = (phase, the model's own state_dict),
+    is consistent with them); broken ones are reported through `on_corrupt` and skipped."""
     for step, path in list_checkpoints(folder):
         try:
             state = load_checkpoint(path)
-            if expected_model is not None:
-                check_consistent(state, step, expected_model, path)
+            if expected is not None:
+                check_consistent(state, step, *expected, path)
             return state
         except CheckpointError as error:
             on_corrupt(path, error)
@@ -133,14 +135,16 @@ def latest_intact_checkpoint(
 RESUME_KEYS = ("phase", "step", "model", "optimizer", "scaler", "rng_cpu", "history", "train_seconds", "settings")
 
 
-def check_consistent(state: dict[str, Any], step: int, expected_model: dict[str, torch.Tensor], path: Path) -> None:
-    """A checkpoint a resume may use: every key, the step of its file name, the phase of its folder, and weights
+def check_consistent(
+    state: dict[str, Any], step: int, phase: str, expected_model: dict[str, torch.Tensor], path: Path
+) -> None:
+    """A checkpoint a resume may use: every key, the step of its file name, the phase, and weights
     of the model's names, shapes and dtypes, all finite. (A changed weight that stays plausible is caught only
     by the sha256 checks of storage.py, not here.)"""
     missing = [key for key in RESUME_KEYS if key not in state]
     if missing:
         raise CheckpointError(f"{path}: lacks {', '.join(missing)}")
-    if state["step"] != step or state["phase"] != path.parent.name:
+    if state["step"] != step or state["phase"] != phase:
         raise CheckpointError(f"{path}: holds {state['phase']!r} step {state['step']!r}, not its file's")
     model = state["model"]
     if not isinstance(model, dict) or set(model) != set(expected_model):

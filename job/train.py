@@ -232,7 +232,7 @@ def _train_phase(
     history = torch.zeros(total, len(LOSS_NAMES), device=device)
     start, seconds, resumed_from = 0, 0.0, None
 
-    saved = latest_intact_checkpoint(folder, hooks.on_corrupt, trainer.model.state_dict())
+    saved = latest_intact_checkpoint(folder, hooks.on_corrupt, (phase, trainer.model.state_dict()))
     if saved is not None:
         start, old_history, seconds = trainer.restore(saved)
         history[:start] = old_history.to(device)
