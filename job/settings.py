@@ -46,7 +46,6 @@ ARTICLE_PRESET: dict[str, Any] = {
 
 UNKNOWN_SETTING = "unknown setting (a typo?); the settings are listed in .env.example"
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # used with fullmatch: no trailing newline
-BUCKET_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 
 
 class ConfigError(Exception):
@@ -213,32 +212,25 @@ class Settings(BaseSettings):
             )
         return value
 
-    @field_validator("mnist_mirrors", mode="before")
+    @field_validator("mnist_mirrors", mode="before")  # a JSON list, or URLs separated by commas (one URL too)
     @classmethod
     def _mirrors_from_text(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                try:
-                    value = json.loads(text)
-                except json.JSONDecodeError:
-                    raise ValueError("must be a JSON list of URLs, or URLs separated by commas") from None
-            else:
-                value = [part.strip() for part in text.split(",") if part.strip()]
-        if isinstance(value, list):
-            for url in value:
-                if not isinstance(url, str) or not re.match(r"https?://[^/\s]", url):
-                    raise ValueError("every mirror must be an http:// or https:// URL")
+        if isinstance(value, str) and value.strip().startswith("["):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise ValueError("must be a JSON list of URLs, or URLs separated by commas") from None
+        elif isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list) and not all(isinstance(u, str) and re.match(r"https?://[^/\s]", u) for u in value):
+            raise ValueError("every mirror must be an http:// or https:// URL")
         return value
 
     @field_validator("s3_bucket")
     @classmethod
     def _bucket_is_a_name(cls, value: str | None) -> str | None:
-        if value is not None and not BUCKET_PATTERN.fullmatch(value):
-            raise ValueError(
-                "is not a bucket name (unset the variable for local output only, or name a bucket: "
-                "letters, digits, '.', '_' or '-')"
-            )
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}", value):
+            raise ValueError("is not a bucket name (letters, digits, . _ -); unset the variable for local output only")
         return value
 
     @field_validator("s3_prefix")
@@ -280,36 +272,23 @@ def env_name(field: str) -> str:
     return ENV_PREFIX + field.upper()
 
 
-def _unknown_variables(environ: dict[str, str | None]) -> list[str]:
-    known = {env_name(name) for name in Settings.model_fields}
-    return sorted(k for k in environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known)
-
-
-def _unknown_message(name: str, where: str) -> str:
-    """The variable's name only: its value may be a secret put under a mistyped name."""
+def _refuse_unknown(values: Any, where: str) -> None:  # names a VAT_* typo, never its value (a secret?)
     known = [env_name(field) for field in Settings.model_fields]
-    close = difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.8)
-    hint = f" (did you mean {close[0]}?)" if close else ""
-    return f"{name} in {where}: {UNKNOWN_SETTING}{hint}"
+    for name in sorted(k for k in values if k.upper().startswith(ENV_PREFIX) and k.upper() not in known):
+        close = difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.8)
+        raise ConfigError(f"{name} in {where}: {UNKNOWN_SETTING}" + (f" (did you mean {close[0]}?)" if close else ""))
 
 
 def load_settings(env_file: str | Path | None = ".env", **overrides: Any) -> Settings:
-    """Read and validate the settings; raise ConfigError with one line that says what to fix.
-
-    No message ever shows the value of a variable that is not a setting (it may be a secret under a
-    mistyped name), and URL credentials in values are masked."""
-    unknown = _unknown_variables(dict(os.environ))
-    if unknown:
-        raise ConfigError(_unknown_message(unknown[0], "the environment"))
+    """Read and validate the settings; raise ConfigError with one line that says what to fix (no secret in it)."""
+    _refuse_unknown(os.environ, "the environment")
     file_values: dict[str, str | None] = {}
     if env_file is not None and Path(env_file).is_file():
         try:
             file_values = dotenv_values(env_file, encoding="utf-8")
         except (UnicodeDecodeError, OSError, ValueError) as error:
             raise ConfigError(f"{env_file} cannot be read as UTF-8 KEY=value lines ({type(error).__name__})") from None
-        unknown = _unknown_variables(file_values)
-        if unknown:
-            raise ConfigError(_unknown_message(unknown[0], str(env_file)))
+        _refuse_unknown(file_values, str(env_file))
     try:
         return Settings(_env_file=env_file, **overrides)
     except ValidationError as error:
