@@ -176,7 +176,8 @@ def _run_locked(
         if settings.promote_to:
             from job import promote
 
-            promote.promote_run(store, summary, settings, log)  # raises promote.GateRefused
+            with stop.waiting(UPLOAD_GRACE_S):  # bounded after a signal like every other wait on the bucket
+                promote.promote_run(store, summary, settings, log)  # raises promote.GateRefused
     return summary
 
 
