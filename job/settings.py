@@ -129,12 +129,12 @@ class Settings(BaseSettings):
     unlabeled_batch_size: int = Field(default=512, ge=1)
     lr: float = Field(default=1e-3, gt=0, le=1.0)
     lr_decay: Literal["none", "linear"] = "linear"
-    epsilon: float = Field(default=2.5, gt=0)
-    xi: float = Field(default=1e-6, gt=0)
+    epsilon: float = Field(default=3.5, gt=0)
+    xi: float = Field(default=1.0, gt=0)
     power_iterations: int = Field(default=1, ge=1, le=10)
     vat_weight: float = Field(default=1.0, ge=0)
-    entmin_weight: float = Field(default=0.0, ge=0)
-    entmin_rampup_steps: int = Field(default=0, ge=0)
+    entmin_weight: float = Field(default=1.0, ge=0)
+    entmin_rampup_steps: int = Field(default=1500, ge=0)
     perturbed_bn: Literal["frozen", "update"] = "frozen"
     dropout_masks: Literal["shared", "independent", "none"] = "shared"
     bn_reestimate: bool = False

@@ -50,7 +50,7 @@ def test_report_has_the_documented_layout(finished_run):
     folder, _ = finished_run
     report = json.loads((folder / "report.json").read_text())
     assert report["run_id"] == "e2e"
-    assert report["settings"]["epsilon"] == 2.5 and "environment" in report
+    assert report["settings"]["epsilon"] == 3.5 and "environment" in report
     assert report["environment"]["versions"]["torch"]
     timings = report["timings_s"]
     assert 0 < timings["startup"] < 120 and timings["peak_rss_mb"] > 0
