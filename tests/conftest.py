@@ -1,4 +1,6 @@
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -66,3 +68,33 @@ def sigterm_during_vat(env: dict) -> tuple[int, str, float]:
     rest = process.stdout.read()
     code = process.wait(timeout=30)
     return code, rest, time.monotonic() - sent
+
+
+@contextlib.contextmanager
+def moto_on_loopback(bucket: str) -> Iterator[dict]:
+    """moto's S3 server on 127.0.0.1 (a free port) holding one empty bucket: its endpoint, the AWS_* variables
+    a job needs to reach it, and a boto3 client."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{server._server.server_port}"
+    credentials = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+    }
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing-secret",
+        region_name="us-east-1",
+    )
+    client.create_bucket(Bucket=bucket)
+    try:
+        yield {"endpoint": endpoint, "env": credentials, "client": client}
+    finally:
+        server.stop()

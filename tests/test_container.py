@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, SHARED_MNIST
+from tests.conftest import REPO, SHARED_MNIST, moto_on_loopback
 
 pytestmark = pytest.mark.container
 
@@ -178,22 +178,10 @@ def test_readme_commands_run_as_written_on_cpu(docker, mnist, workdir):
 
 @pytest.fixture(scope="module")
 def s3_on_loopback():
-    boto3 = pytest.importorskip("boto3")
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{server._server.server_port}"
-    credentials = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing-secret",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": endpoint,
-    }
-    client = boto3.client("s3", endpoint_url=endpoint, **{k.lower(): v for k, v in credentials.items() if "KEY" in k})
-    client.create_bucket(Bucket="vat-container")
-    yield {"env": {**credentials, "VAT_S3_BUCKET": "vat-container", "VAT_S3_PREFIX": "ci"}, "client": client}
-    server.stop()
+    pytest.importorskip("boto3")
+    with moto_on_loopback("vat-container") as server:
+        settings = {"VAT_S3_BUCKET": "vat-container", "VAT_S3_PREFIX": "ci"}
+        yield {"env": {**server["env"], **settings}, "client": server["client"]}
 
 
 def keys(client, run_id: str) -> set[str]:

@@ -12,7 +12,7 @@ import time
 import boto3
 import pytest
 
-from tests.conftest import REPO, job_env, sigterm_during_vat
+from tests.conftest import REPO, job_env, moto_on_loopback, sigterm_during_vat
 
 BUCKET = "vat-results"
 
@@ -25,27 +25,8 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def s3_server():
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{server._server.server_port}"
-    credentials = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing-secret",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": endpoint,
-    }
-    client = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing-secret",
-        region_name="us-east-1",
-    )
-    client.create_bucket(Bucket=BUCKET)
-    yield {"endpoint": endpoint, "env": credentials, "client": client}
-    server.stop()
+    with moto_on_loopback(BUCKET) as server:
+        yield server
 
 
 def env_for(tmp_path, mnist_dir, s3, **settings):
