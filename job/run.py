@@ -6,10 +6,12 @@ errors to exit codes, and calls `run_job` below. This module never imports `cli`
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import resource
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,6 @@ RESUME_FILES = re.compile(
 
 
 def run_job(settings: Settings, stop: StopFlag, log: Any) -> dict[str, Any]:
-    """The run, under its lock: one writer per run id (job/lock.py), released whatever happens."""
     began = time.perf_counter()
     startup_seconds = seconds_since_process_start()  # Python, torch and the job's imports
     device = resolve_device(settings.device)
@@ -40,145 +41,139 @@ def run_job(settings: Settings, stop: StopFlag, log: Any) -> dict[str, Any]:
         store = storage.open_run_store(settings) if settings.s3_bucket else None  # fails fast, before training
         lock = RunLock(layout.root, store)
         lock.acquire(settings.lock_wait_s, on_wait=log.warning)
+    with released_at_exit(lock, stop):  # one writer per run id (job/lock.py), released whatever happens
+        fetched: list[str] = []
+        if store:
+            with stop.waiting(0):
+                fetched = store.download(
+                    layout.root,
+                    only=lambda rel: (
+                        RESUME_FILES.fullmatch(rel) is not None and not (rel == LOG and layout.log.exists())
+                    ),
+                    on_problem=log.warning,
+                )
+        logs.open_run_log(layout.log)  # appends: a resumed run's log.jsonl keeps the earlier attempts' lines
+        log.info(
+            "run_started",
+            output=str(layout.root),
+            device=str(device),
+            preset=settings.preset,
+            storage=f"s3://{settings.s3_bucket}/{store.run_prefix}" if store else "local only (VAT_S3_BUCKET unset)",
+        )
+        if store:
+            log.info("storage_ready", bucket=settings.s3_bucket, prefix=store.run_prefix, fetched_for_resume=fetched)
+
+        with stop.waiting(0):
+            raw = data.ensure_mnist(
+                settings.data_dir,
+                settings.mnist_mirrors,
+                retries=settings.download_retries,
+                timeout_s=settings.download_timeout_s,
+                on_event=log.warning,
+            )
+        split = data.load_mnist(
+            raw, settings.test_split_seed, settings.label_split_seed, settings.num_labeled, settings.num_unlabeled
+        ).to(device)
+        data_seconds = time.perf_counter() - began
+        log.info(
+            "data_ready",
+            labeled=len(split.labeled),
+            unlabeled=len(split.unlabeled),
+            seeded_test=len(split.seeded_test),
+            labeled_class_counts=split.labeled_class_counts(),
+            seconds=round(data_seconds, 2),
+        )
+
+        hooks = train.Hooks(
+            log=log,
+            on_corrupt=lambda path, error: log.warning("checkpoint_corrupt", path=str(path), error=str(error)),
+            on_checkpoint=lambda path: upload_as_training_goes(store, layout, path, log, stop, lock),
+        )
+        # Both models train before either is evaluated: on the CPU, evaluation's allocations between the two
+        # would fragment the heap that the VAT updates reuse (0.43 -> 0.51 s per update).
+        try:
+            results = {
+                phase: train.train_phase(phase, settings, split, device, layout.phase(phase), stop, hooks)
+                for phase in PHASES
+            }
+        except Interrupted:
+            # The log goes with the checkpoint, so that a resume on another node keeps this attempt's lines.
+            upload_as_training_goes(store, layout, layout.log, log, stop, lock)
+            raise
+        models = {}
+        for phase, result in results.items():
+            models[phase] = {
+                **evaluate.evaluate(result.model, split, settings.eval_batch_size),
+                "steps": result.steps,
+                "train_seconds": result.train_seconds,
+                "resumed_from_step": result.resumed_from,
+            }
+            log.info(
+                "evaluated",
+                phase=phase,
+                **{
+                    f"{t}_{m}": round(models[phase][t][m], 4)
+                    for t in ("seeded_test", "mnist_test")
+                    for m in ("accuracy", "macro_f1")
+                },
+            )
+
+        from job import report  # matplotlib is loaded only now: it need not sit in memory during training
+
+        if settings.plots:
+            labeled = split.labeled.cpu()
+            report.plot_labeled_images(layout, split.train_images.cpu()[labeled], split.train_labels.cpu()[labeled])
+            report.plot_losses(layout, {name: r.history for name, r in results.items()})
+            report.plot_confusion_matrices(layout, models)
+        timings = {
+            "startup": startup_seconds,
+            "data": round(data_seconds, 3),
+            "total": round(time.perf_counter() - began, 3),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        }
+        if device.type == "cuda":
+            timings["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        split_info = {
+            "labeled_indices": split.labeled.cpu().tolist(),
+            "labeled_class_counts": split.labeled_class_counts(),
+            "num_unlabeled": len(split.unlabeled),
+            "num_seeded_test": len(split.seeded_test),
+        }
+        summary = report.build_report(
+            settings.run_id, settings.public_dict(), report.environment(device), split_info, models, timings
+        )
+        write_json(layout.report, summary)
+        log.info(
+            "run_finished",
+            report=str(layout.report),
+            seconds=timings["total"],
+            baseline_mnist_test_accuracy=models["baseline"]["mnist_test"]["accuracy"],
+            vat_mnist_test_accuracy=models["vat"]["mnist_test"]["accuracy"],
+        )
+        if store:
+            logs.close_run_log()  # the log is complete: what follows goes to stdout only
+            lock.check()  # never two writers: a job whose lease was taken over does not write the manifest
+            with stop.waiting(UPLOAD_GRACE_S):
+                manifest = store.upload_run(layout, on_event=log.info)
+            log.info("run_uploaded", bucket=settings.s3_bucket, prefix=store.run_prefix, files=len(manifest["files"]))
+            if settings.promote_to:
+                from job import promote
+
+                with stop.waiting(UPLOAD_GRACE_S):  # bounded after a signal like every other wait on the bucket
+                    promote.promote_run(store, summary, settings, log)  # raises promote.GateRefused
+        return summary
+
+
+@contextlib.contextmanager
+def released_at_exit(lock: RunLock, stop: StopFlag) -> Iterator[None]:
     try:
-        return _run_locked(settings, stop, log, layout, store, lock, device, began, startup_seconds)
+        yield
     finally:
         try:
             with stop.waiting(UPLOAD_GRACE_S):
                 lock.release()
         except Stopped:
             pass  # out of grace: the lease expires by itself (job/lock.py); the local lock died with us anyway
-
-
-def _run_locked(
-    settings: Settings,
-    stop: StopFlag,
-    log: Any,
-    layout: RunLayout,
-    store: storage.RunStore | None,
-    lock: RunLock,
-    device: torch.device,
-    began: float,
-    startup_seconds: float | None,
-) -> dict[str, Any]:
-    fetched: list[str] = []
-    if store:
-        with stop.waiting(0):
-            fetched = store.download(
-                layout.root,
-                only=lambda rel: RESUME_FILES.fullmatch(rel) is not None and not (rel == LOG and layout.log.exists()),
-                on_problem=log.warning,
-            )
-    logs.open_run_log(layout.log)  # appends: a resumed run's log.jsonl keeps the earlier attempts' lines
-    log.info(
-        "run_started",
-        output=str(layout.root),
-        device=str(device),
-        preset=settings.preset,
-        storage=f"s3://{settings.s3_bucket}/{store.run_prefix}" if store else "local only (VAT_S3_BUCKET unset)",
-    )
-    if store:
-        log.info("storage_ready", bucket=settings.s3_bucket, prefix=store.run_prefix, fetched_for_resume=fetched)
-
-    with stop.waiting(0):
-        raw = data.ensure_mnist(
-            settings.data_dir,
-            settings.mnist_mirrors,
-            retries=settings.download_retries,
-            timeout_s=settings.download_timeout_s,
-            on_event=log.warning,
-        )
-    split = data.load_mnist(
-        raw, settings.test_split_seed, settings.label_split_seed, settings.num_labeled, settings.num_unlabeled
-    ).to(device)
-    data_seconds = time.perf_counter() - began
-    log.info(
-        "data_ready",
-        labeled=len(split.labeled),
-        unlabeled=len(split.unlabeled),
-        seeded_test=len(split.seeded_test),
-        labeled_class_counts=split.labeled_class_counts(),
-        seconds=round(data_seconds, 2),
-    )
-
-    hooks = train.Hooks(
-        log=log,
-        on_corrupt=lambda path, error: log.warning("checkpoint_corrupt", path=str(path), error=str(error)),
-        on_checkpoint=lambda path: upload_as_training_goes(store, layout, path, log, stop, lock),
-    )
-    # Both models train before either is evaluated: on the CPU, evaluation's allocations between the two
-    # would fragment the heap that the VAT updates reuse (0.43 -> 0.51 s per update).
-    try:
-        results = {
-            phase: train.train_phase(phase, settings, split, device, layout.phase(phase), stop, hooks)
-            for phase in PHASES
-        }
-    except Interrupted:
-        # The log goes with the checkpoint, so that a resume on another node keeps this attempt's lines.
-        upload_as_training_goes(store, layout, layout.log, log, stop, lock)
-        raise
-    models = {}
-    for phase, result in results.items():
-        models[phase] = {
-            **evaluate.evaluate(result.model, split, settings.eval_batch_size),
-            "steps": result.steps,
-            "train_seconds": result.train_seconds,
-            "resumed_from_step": result.resumed_from,
-        }
-        log.info(
-            "evaluated",
-            phase=phase,
-            **{
-                f"{t}_{m}": round(models[phase][t][m], 4)
-                for t in ("seeded_test", "mnist_test")
-                for m in ("accuracy", "macro_f1")
-            },
-        )
-
-    from job import report  # matplotlib is loaded only now: it need not sit in memory during training
-
-    if settings.plots:
-        labeled = split.labeled.cpu()
-        report.plot_labeled_images(layout, split.train_images.cpu()[labeled], split.train_labels.cpu()[labeled])
-        report.plot_losses(layout, {name: r.history for name, r in results.items()})
-        report.plot_confusion_matrices(layout, models)
-    timings = {
-        "startup": startup_seconds,
-        "data": round(data_seconds, 3),
-        "total": round(time.perf_counter() - began, 3),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-    }
-    if device.type == "cuda":
-        timings["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    split_info = {
-        "labeled_indices": split.labeled.cpu().tolist(),
-        "labeled_class_counts": split.labeled_class_counts(),
-        "num_unlabeled": len(split.unlabeled),
-        "num_seeded_test": len(split.seeded_test),
-    }
-    summary = report.build_report(
-        settings.run_id, settings.public_dict(), report.environment(device), split_info, models, timings
-    )
-    write_json(layout.report, summary)
-    log.info(
-        "run_finished",
-        report=str(layout.report),
-        seconds=timings["total"],
-        baseline_mnist_test_accuracy=models["baseline"]["mnist_test"]["accuracy"],
-        vat_mnist_test_accuracy=models["vat"]["mnist_test"]["accuracy"],
-    )
-    if store:
-        logs.close_run_log()  # the log is complete: what follows goes to stdout only
-        lock.check()  # never two writers: a job whose lease was taken over does not write the manifest
-        with stop.waiting(UPLOAD_GRACE_S):
-            manifest = store.upload_run(layout, on_event=log.info)
-        log.info("run_uploaded", bucket=settings.s3_bucket, prefix=store.run_prefix, files=len(manifest["files"]))
-        if settings.promote_to:
-            from job import promote
-
-            with stop.waiting(UPLOAD_GRACE_S):  # bounded after a signal like every other wait on the bucket
-                promote.promote_run(store, summary, settings, log)  # raises promote.GateRefused
-    return summary
 
 
 def seconds_since_process_start() -> float | None:
