@@ -24,7 +24,7 @@ from collections.abc import Callable
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 
-from job.storage import STORAGE_ERRORS, RunStore, StorageError
+from job.storage import STORAGE_ERRORS, RunStore, StorageError, http_status
 
 LEASE_S = 120.0
 RENEW_EVERY_S = 30.0
@@ -33,11 +33,6 @@ RETRY_EVERY_S = 5.0
 
 class RunLocked(Exception):
     """Another job is writing this run (on this machine, or on a node sharing the bucket)."""
-
-
-def _status(error: Exception) -> int | None:
-    response = getattr(error, "response", None) or {}
-    return response.get("ResponseMetadata", {}).get("HTTPStatusCode")
 
 
 class RunLock:
@@ -98,7 +93,7 @@ class RunLock:
             ]
             return
         except STORAGE_ERRORS as error:
-            if _status(error) not in (409, 412):
+            if http_status(error) not in (409, 412):
                 raise StorageError(f"run lease s3://{store.bucket}/{self.key}: {error}") from None
         try:
             held = store.client.get_object(Bucket=store.bucket, Key=self.key)
@@ -107,7 +102,7 @@ class RunLock:
             age = (server_now - held["LastModified"]).total_seconds()
             lease = float(holder.get("lease_s", LEASE_S))
         except STORAGE_ERRORS as error:
-            if _status(error) == 404:  # released between our two requests: try again at once
+            if http_status(error) == 404:  # released between our two requests: try again at once
                 return self._try_bucket()
             raise StorageError(f"run lease s3://{store.bucket}/{self.key}: {error}") from None
         except (ValueError, KeyError, TypeError, AttributeError):
@@ -123,7 +118,7 @@ class RunLock:
                 Bucket=store.bucket, Key=self.key, Body=self._body(), IfMatch=held["ETag"]
             )["ETag"]
         except STORAGE_ERRORS as error:
-            if _status(error) in (404, 409, 412):
+            if http_status(error) in (404, 409, 412):
                 raise RunLocked(f"run {store.run_id}: another job took over the expired lease first") from None
             raise StorageError(f"run lease s3://{store.bucket}/{self.key}: {error}") from None
 
@@ -138,7 +133,7 @@ class RunLock:
                     Bucket=store.bucket, Key=self.key, Body=self._body(), IfMatch=self._etag
                 )["ETag"]
             except STORAGE_ERRORS as error:
-                if _status(error) in (404, 409, 412):
+                if http_status(error) in (404, 409, 412):
                     self.lost = True  # taken over: the final upload refuses to write
                     return
                 # the server is unreachable for now: the next renewal tries again

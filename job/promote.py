@@ -27,7 +27,7 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from job.layout import REPORT, sha256_of, write_json
-from job.storage import RunStore, StorageError, _describe
+from job.storage import RunStore, StorageError, describe_error
 
 POINTER = "pointer.json"
 MODEL_FILE = "vat/model.pt"  # in the run folder
@@ -86,7 +86,7 @@ class PromotionSlot:
         try:
             return fn(**kwargs)
         except (ClientError, BotoCoreError) as error:
-            raise StorageError(_describe(error, self.bucket)) from None
+            raise StorageError(describe_error(error, self.bucket)) from None
 
     def current(self) -> dict[str, Any] | None:
         """The pointer of the promoted model, or None when nothing was promoted yet."""
@@ -95,9 +95,9 @@ class PromotionSlot:
         except ClientError as error:
             if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 return None
-            raise StorageError(_describe(error, self.bucket)) from None
+            raise StorageError(describe_error(error, self.bucket)) from None
         except BotoCoreError as error:
-            raise StorageError(_describe(error, self.bucket)) from None
+            raise StorageError(describe_error(error, self.bucket)) from None
         return json.loads(body)
 
     def promote(self, store: RunStore, report: dict[str, Any], previous: dict[str, Any] | None) -> dict[str, Any]:

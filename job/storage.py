@@ -84,10 +84,17 @@ def make_client(
     return boto3.client("s3", endpoint_url=endpoint_url or None, config=config)
 
 
-def _describe(error: Exception, bucket: str) -> str:
+def http_status(error: Exception) -> int | None:
+    """The HTTP status of a failed S3 request (None when it never got an answer)."""
+    response = getattr(error, "response", None) or {}
+    return response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+
+
+def describe_error(error: Exception, bucket: str) -> str:
+    """One line on a failed S3 request, naming the bucket and what to fix where that is known."""
     if isinstance(error, ClientError):
         code = error.response.get("Error", {}).get("Code", "")
-        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        status = http_status(error)
         if code in ("404", "NoSuchBucket"):
             return f"bucket {bucket!r} does not exist (create it or fix VAT_S3_BUCKET)"
         if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch") or status == 403:
@@ -126,7 +133,7 @@ class RunStore:
         try:
             return fn(*args, **kwargs)
         except STORAGE_ERRORS as error:
-            raise StorageError(_describe(error, self.bucket)) from None
+            raise StorageError(describe_error(error, self.bucket)) from None
 
     def preflight(self) -> None:
         """Cheap check before any training: the bucket exists and we may write to it."""
@@ -239,7 +246,7 @@ class RunStore:
                     digest.update(chunk)
                     out.write(chunk)
         except STORAGE_ERRORS as error:
-            raise StorageError(_describe(error, self.bucket)) from None
+            raise StorageError(describe_error(error, self.bucket)) from None
         except OSError as error:
             if error.errno in NO_SPACE:
                 raise DiskFull(f"no space left to download {relative} into {partial.parent}") from None
@@ -264,7 +271,7 @@ def list_run_ids(client: Any, bucket: str, prefix: str) -> list[str]:
         for page in paginator.paginate(Bucket=bucket, Prefix=root, Delimiter="/"):
             ids += [p["Prefix"][len(root) :].rstrip("/") for p in page.get("CommonPrefixes", [])]
     except STORAGE_ERRORS as error:
-        raise StorageError(_describe(error, bucket)) from None
+        raise StorageError(describe_error(error, bucket)) from None
     return sorted(i for i in ids if safe_relative(i) is not None)
 
 
