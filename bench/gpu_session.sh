@@ -36,16 +36,18 @@ import json, sys
 scale, smoke = float(sys.argv[1]), sys.argv[2] == "1"
 base = {"xi": 1.0, "epsilon": 3.5}
 ramped = {**base, "entmin_weight": 1.0, "entmin_rampup_steps": 1500}
-full = {**ramped, "ema_decay": 0.999, "translate_px": 2}
+full = {**ramped, "ema_decay": 0.999, "translate_px": 1}
+# Measured on the CPU (BENCHMARKS.md section 4): EMA and 1- or 2-pixel shifts leave seed 1's seeded accuracy
+# where the ramp put it, so the GPU time goes first to what the CPU cannot afford: longer schedules.
 candidates = [  # issue 13, most promising first; with EMA every entry also scores its last weights (last_*)
     ("ramp1500", ramped),
-    ("ramp1500_ema0.999_shift2", full),
-    ("ramp1500_shift2", {**ramped, "translate_px": 2}),
-    ("ramp5000_ema0.999_shift2_10k", {**full, "entmin_rampup_steps": 5000, "train_steps": 10000}),
-    ("ramp12500_ema0.9995_shift2_25k", {**full, "entmin_rampup_steps": 12500, "train_steps": 25000, "ema_decay": 0.9995}),
-    ("ramp1500_ema0.999_shift2_eps5", {**full, "epsilon": 5.0}),
-    ("ramp1500_ema0.999_shift2_ub1024", {**full, "unlabeled_batch_size": 1024}),
-    ("ramp1500_ema0.999_shift1", {**full, "translate_px": 1}),
+    ("ramp1500_ema0.999_shift1", full),
+    ("ramp5000_ema0.999_shift1_10k", {**full, "entmin_rampup_steps": 5000, "train_steps": 10000}),
+    ("ramp12500_ema0.9995_shift1_25k", {**full, "entmin_rampup_steps": 12500, "train_steps": 25000, "ema_decay": 0.9995}),
+    ("ramp1500_ema0.999_shift1_eps5", {**full, "epsilon": 5.0}),
+    ("ramp1500_ema0.999_shift1_ub1024", {**full, "unlabeled_batch_size": 1024}),
+    ("ramp1500_ema0.999_shift1_nodropout_unlabelled", {**full, "dropout_masks": "none"}),
+    ("ramp1500_ema0.999_shift2", {**full, "translate_px": 2}),
 ]
 plan = []
 for name, settings in candidates:
