@@ -138,8 +138,8 @@ class Settings(BaseSettings):
     perturbed_bn: Literal["frozen", "update"] = "frozen"
     dropout_masks: Literal["shared", "independent", "none"] = "shared"
     bn_reestimate: bool = False
-    ema_decay: float = Field(default=0.0, ge=0, lt=1)
-    translate_px: int = Field(default=0, ge=0, le=8)
+    ema_decay: float = Field(default=0.999, ge=0, lt=1)
+    translate_px: int = Field(default=1, ge=0, le=8)
     checkpoint_every: int = Field(default=500, ge=1)
     eval_batch_size: int = Field(default=250, ge=1)
 

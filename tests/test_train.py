@@ -175,18 +175,21 @@ def test_without_dropout_the_unlabelled_passes_are_deterministic_given_the_batch
     assert torch.isfinite(trainer.update(0)).all()
 
 
-def test_batchnorm_reestimation_gives_the_average_statistics_of_the_unlabelled_images(mnist_split, tmp_path):
+@pytest.mark.parametrize("ema_decay", [0.0, 0.999])
+def test_batchnorm_reestimation_gives_the_average_statistics_of_the_unlabelled_images(mnist_split, tmp_path, ema_decay):
     from job.data import as_float_batch
 
     split = dataclasses.replace(mnist_split, unlabeled=mnist_split.unlabeled[:256])
-    s = small_settings(bn_reestimate=True, num_unlabeled=256, unlabeled_batch_size=32, train_steps=2)
+    s = small_settings(bn_reestimate=True, num_unlabeled=256, unlabeled_batch_size=32, train_steps=2, ema_decay=ema_decay)
     model = run_phase("vat", s, split, tmp_path).model
     images = as_float_batch(split.train_images[split.unlabeled], channels_last=True)
     with torch.no_grad():
         conv1 = model.conv1(images)
     # With equal batches the average of the batch means is the mean over all images.
     torch.testing.assert_close(model.bn1.running_mean, conv1.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
-    saved = load_checkpoint(tmp_path / "checkpoint-0000002.pt")["model"]["bn1.running_mean"]
+    state = load_checkpoint(tmp_path / "checkpoint-0000002.pt")
+    # The shipped model is re-estimated: the weight average when there is one, else the last weights.
+    saved = state["ema"]["module.bn1.running_mean"] if ema_decay else state["model"]["bn1.running_mean"]
     assert torch.equal(saved, model.bn1.running_mean), "the final checkpoint holds the re-estimated statistics"
 
 
