@@ -180,7 +180,9 @@ def test_batchnorm_reestimation_gives_the_average_statistics_of_the_unlabelled_i
     from job.data import as_float_batch
 
     split = dataclasses.replace(mnist_split, unlabeled=mnist_split.unlabeled[:256])
-    s = small_settings(bn_reestimate=True, num_unlabeled=256, unlabeled_batch_size=32, train_steps=2, ema_decay=ema_decay)
+    s = small_settings(
+        bn_reestimate=True, num_unlabeled=256, unlabeled_batch_size=32, train_steps=2, ema_decay=ema_decay
+    )
     model = run_phase("vat", s, split, tmp_path).model
     images = as_float_batch(split.train_images[split.unlabeled], channels_last=True)
     with torch.no_grad():
