@@ -37,6 +37,7 @@ TRAINING_FIELDS = {
         "lr",
         "lr_decay",
         "translate_px",
+        "hidden_units",
     ),
     "vat": (
         "seed",
@@ -60,6 +61,7 @@ TRAINING_FIELDS = {
         "bn_reestimate",
         "ema_decay",
         "translate_px",
+        "hidden_units",
     ),
 }
 
@@ -117,10 +119,11 @@ def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
 def latest_intact_checkpoint(
     folder: Path,
     on_corrupt: Any = lambda path, error: None,
-    expected: tuple[str, dict[str, torch.Tensor]] | None = None,
+    expected: tuple[str, dict[str, torch.Tensor], Any] | None = None,
 ) -> dict[str, Any] | None:
-    """The newest checkpoint of `folder` that loads (and, given `expected` = (phase, the model's own state_dict),
-    is consistent with them); broken ones are reported through `on_corrupt` and skipped."""
+    """The newest checkpoint of `folder` that loads (and, given `expected` = (phase, the model's own state_dict,
+    the run's settings), is consistent with them); broken ones are reported through `on_corrupt` and skipped.
+    Raises ResumeMismatch for an intact checkpoint made with other training settings."""
     for step, path in list_checkpoints(folder):
         try:
             state = load_checkpoint(path)
@@ -136,16 +139,20 @@ RESUME_KEYS = ("phase", "step", "model", "optimizer", "scaler", "rng_cpu", "hist
 
 
 def check_consistent(
-    state: dict[str, Any], step: int, phase: str, expected_model: dict[str, torch.Tensor], path: Path
+    state: dict[str, Any], step: int, phase: str, expected_model: dict[str, torch.Tensor], settings: Any, path: Path
 ) -> None:
-    """A checkpoint a resume may use: every key, the step of its file name, the phase, and weights
-    of the model's names, shapes and dtypes, all finite. (A changed weight that stays plausible is caught only
-    by the sha256 checks of storage.py, not here.)"""
+    """A checkpoint a resume may use: every key, the step of its file name, the phase, the training settings, and
+    weights of the model's names, shapes and dtypes, all finite. (A changed weight that stays plausible is caught
+    only by the sha256 checks of storage.py, not here.)"""
     missing = [key for key in RESUME_KEYS if key not in state]
     if missing:
         raise CheckpointError(f"{path}: lacks {', '.join(missing)}")
     if state["step"] != step or state["phase"] != phase:
         raise CheckpointError(f"{path}: holds {state['phase']!r} step {state['step']!r}, not its file's")
+    if not isinstance(state["settings"], dict):
+        raise CheckpointError(f"{path}: its settings are not readable")
+    # Before the shapes: a checkpoint of another VAT_HIDDEN_UNITS is another experiment, not a broken file to skip.
+    check_resumable(phase, state["settings"], settings)
     model = state["model"]
     if not isinstance(model, dict) or set(model) != set(expected_model):
         raise CheckpointError(f"{path}: not this model's weights")

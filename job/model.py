@@ -1,4 +1,5 @@
 """The seed article's CNN: two conv-BN-ReLU-pool blocks (32, 64 channels), FC 3136-100, dropout 0.5, FC 100-10.
+The hidden layer's width is a setting (VAT_HIDDEN_UNITS, default the article's 100; wider is beyond the article).
 Also: BatchNorm with frozen running statistics (for the perturbed passes) and the weight average (VAT_EMA_DECAY).
 
 Two changes compute the same function faster or let VAT control its noise:
@@ -17,19 +18,20 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-HIDDEN = 100
+ARTICLE_HIDDEN = 100
 DROPOUT_P = 0.5
 
 
 class ArticleCNN(nn.Module):
-    def __init__(self, num_classes: int = 10) -> None:
+    def __init__(self, hidden_units: int = ARTICLE_HIDDEN, num_classes: int = 10) -> None:
         super().__init__()
+        self.hidden_units = hidden_units
         self.conv1 = nn.Conv2d(1, 32, kernel_size=4, padding=2)
         self.bn1 = nn.BatchNorm2d(32)
         self.conv2 = nn.Conv2d(32, 64, kernel_size=4, padding=2)
         self.bn2 = nn.BatchNorm2d(64)
-        self.fc1 = nn.Linear(7 * 7 * 64, HIDDEN)
-        self.fc2 = nn.Linear(HIDDEN, num_classes)
+        self.fc1 = nn.Linear(7 * 7 * 64, hidden_units)
+        self.fc2 = nn.Linear(hidden_units, num_classes)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -42,8 +44,8 @@ class ArticleCNN(nn.Module):
     def dropout_mask(self, batch_size: int, like: torch.Tensor, p: float = DROPOUT_P) -> torch.Tensor:
         """A scaled Bernoulli mask for the hidden layer, as nn.Dropout(p) would draw it (p=0: keep everything)."""
         if p == 0.0:
-            return torch.ones(batch_size, HIDDEN, device=like.device, dtype=like.dtype)
-        keep = torch.empty(batch_size, HIDDEN, device=like.device, dtype=like.dtype).bernoulli_(1 - p)
+            return torch.ones(batch_size, self.hidden_units, device=like.device, dtype=like.dtype)
+        keep = torch.empty(batch_size, self.hidden_units, device=like.device, dtype=like.dtype).bernoulli_(1 - p)
         return keep.div_(1 - p)
 
     def forward(self, x: torch.Tensor, dropout_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -56,8 +58,8 @@ class ArticleCNN(nn.Module):
         return self.fc2(F.relu(h))
 
 
-def build_model() -> ArticleCNN:
-    return ArticleCNN()
+def build_model(hidden_units: int = ARTICLE_HIDDEN) -> ArticleCNN:
+    return ArticleCNN(hidden_units)
 
 
 @contextlib.contextmanager

@@ -27,7 +27,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from job.checkpoint import (
-    check_resumable,
     checkpoint_name,
     latest_intact_checkpoint,
     save_checkpoint,
@@ -80,7 +79,7 @@ class Trainer:
         self.total_steps = settings.baseline_steps if phase == "baseline" else settings.train_steps
         torch.manual_seed(settings.seed + (0 if phase == "baseline" else 1))
         # channels_last: oneDNN's and cuDNN's fast convolution and pooling layout (x1.4 per update on CPU).
-        self.model = build_model().to(device, memory_format=torch.channels_last)
+        self.model = build_model(settings.hidden_units).to(device, memory_format=torch.channels_last)
         use_graphs = device.type == "cuda" and settings.cuda_graphs and settings.amp != "fp16"
         lr: float | torch.Tensor = torch.tensor(settings.lr, device=device) if use_graphs else settings.lr
         self.optimizer = torch.optim.Adam(
@@ -202,7 +201,7 @@ class Trainer:
         }
 
     def restore(self, state: dict[str, Any]) -> tuple[int, torch.Tensor, float]:
-        check_resumable(self.phase, state["settings"], self.s)
+        """Continue from a checkpoint that `latest_intact_checkpoint` accepted (settings and shapes checked)."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -232,7 +231,7 @@ def _train_phase(
     history = torch.zeros(total, len(LOSS_NAMES), device=device)
     start, seconds, resumed_from = 0, 0.0, None
 
-    saved = latest_intact_checkpoint(folder, hooks.on_corrupt, (phase, trainer.model.state_dict()))
+    saved = latest_intact_checkpoint(folder, hooks.on_corrupt, (phase, trainer.model.state_dict(), settings))
     if saved is not None:
         start, old_history, seconds = trainer.restore(saved)
         history[:start] = old_history.to(device)

@@ -87,6 +87,19 @@ def test_resume_with_other_training_settings_is_refused(mnist_split, tmp_path):
         run_phase("baseline", small_settings(lr=0.01), mnist_split, tmp_path)
 
 
+def test_hidden_units_set_the_width_both_models_train_and_ship_and_a_resume_must_keep(mnist_split, tmp_path):
+    from job.checkpoint import ResumeMismatch
+
+    s = small_settings(hidden_units=24, ema_decay=0.9)
+    for phase in ("baseline", "vat"):
+        result = run_phase(phase, s, mnist_split, tmp_path / phase)
+        assert result.model.fc1.out_features == 24 and result.model.fc2.in_features == 24
+        shipped = torch.load(tmp_path / phase / "model.pt", weights_only=True)
+        assert shipped["model"]["fc1.weight"].shape == (24, 7 * 7 * 64)
+    with pytest.raises(ResumeMismatch, match="VAT_HIDDEN_UNITS was 24, now 100"):
+        run_phase("vat", small_settings(ema_decay=0.9), mnist_split, tmp_path / "vat")
+
+
 @pytest.mark.parametrize("mode,per_update", [("frozen", 2), ("update", 4)])
 def test_perturbed_passes_leave_batchnorm_running_statistics_alone_when_frozen(mnist_split, mode, per_update):
     """Per VAT update the labelled and clean unlabelled passes count; the 2 perturbed ones only in 'update'."""
