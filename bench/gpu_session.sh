@@ -44,6 +44,7 @@ full = {**ramped, "ema_decay": 0.999, "translate_px": 1}  # the default since se
 candidates = [  # issue 13, most promising first; with EMA every entry also scores its last weights (last_*)
     ("ramp1500", ramped),
     ("ramp1500_ema0.999_shift1", full),
+    ("ramp1500_ema0.999_shift1_hidden1024", {**full, "hidden_units": 1024}),  # beyond the article's width
     ("ramp5000_ema0.999_shift1_10k", {**full, "entmin_rampup_steps": 5000, "train_steps": 10000}),
     ("ramp12500_ema0.9995_shift1_25k", {**full, "entmin_rampup_steps": 12500, "train_steps": 25000, "ema_decay": 0.9995}),
     ("ramp1500_ema0.999_shift1_eps5", {**full, "epsilon": 5.0}),
