@@ -87,7 +87,7 @@ def test_console_format_is_for_people(tmp_path, mnist_dir):
 
 
 def test_sigterm_checkpoints_exits_5_and_the_resumed_run_matches_an_uninterrupted_one(tmp_path, mnist_dir):
-    steps = dict(BASELINE_STEPS=4, TRAIN_STEPS=40, CHECKPOINT_EVERY=1000, UNLABELED_BATCH_SIZE=64)
+    steps = dict(BASELINE_STEPS=4, TRAIN_STEPS=16, CHECKPOINT_EVERY=1000, UNLABELED_BATCH_SIZE=64)
     straight = run(job_env(tmp_path / "a", mnist_dir, RUN_ID="straight", **steps))
     assert straight.returncode == 0, straight.stdout[-2000:]
 
@@ -96,7 +96,7 @@ def test_sigterm_checkpoints_exits_5_and_the_resumed_run_matches_an_uninterrupte
     assert code == 5 and seconds < 30
     interrupted = json_lines(rest)[-1]
     assert interrupted["event"] == "interrupted" and interrupted["signal"] == "SIGTERM"
-    assert Path(interrupted["checkpoint"]).is_file() and 0 < interrupted["step"] < 40
+    assert Path(interrupted["checkpoint"]).is_file() and 0 < interrupted["step"] < 16
 
     resumed = run(env)
     assert resumed.returncode == 0, resumed.stdout[-2000:]

@@ -174,7 +174,7 @@ def test_upload_failure_after_training_keeps_local_artifacts_and_a_rerun_uploads
         S3_MAX_ATTEMPTS="2",
         S3_CONNECT_TIMEOUT_S="1",
         LOG_EVERY_S="0.01",
-        TRAIN_STEPS="30",
+        TRAIN_STEPS="10",
         UNLABELED_BATCH_SIZE="64",
     )
     env["AWS_ENDPOINT_URL"] = endpoint
@@ -197,7 +197,7 @@ def test_upload_failure_after_training_keeps_local_artifacts_and_a_rerun_uploads
 
 
 def test_sigterm_uploads_the_checkpoint_and_a_resume_from_the_bucket_matches(tmp_path, mnist_dir, s3_server):
-    steps = dict(BASELINE_STEPS="4", TRAIN_STEPS="40", CHECKPOINT_EVERY="1000", UNLABELED_BATCH_SIZE="64")
+    steps = dict(BASELINE_STEPS="4", TRAIN_STEPS="16", CHECKPOINT_EVERY="1000", UNLABELED_BATCH_SIZE="64")
     straight = run(job_env(tmp_path / "a", mnist_dir, RUN_ID="straight", **steps))
     assert straight.returncode == 0
     env = env_for(tmp_path / "b", mnist_dir, s3_server, RUN_ID="preempted", LOG_EVERY_S="0.01", **steps)
