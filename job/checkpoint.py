@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from job.layout import atomic_write_bytes
+from job.settings import IMPLICIT_BEFORE_ADDED
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)\.pt$")
 
@@ -72,7 +73,15 @@ def training_settings(phase: str, settings: Any) -> dict[str, Any]:
 
 
 def check_resumable(phase: str, saved: dict[str, Any], settings: Any) -> None:
-    mismatched = {k: (v, getattr(settings, k)) for k, v in saved.items() if getattr(settings, k) != v}
+    """Raise ResumeMismatch unless the checkpoint's recorded training settings are this run's."""
+    unknown = sorted(set(saved) - set(TRAINING_FIELDS[phase]))
+    if unknown:
+        raise ResumeMismatch(
+            f"{phase} checkpoints of this run record settings this version does not know ({', '.join(unknown)}): "
+            "they were made by another version of vat-job; use a new VAT_RUN_ID or that version"
+        )
+    recorded = {**{k: v for k, v in IMPLICIT_BEFORE_ADDED.items() if k in TRAINING_FIELDS[phase]}, **saved}
+    mismatched = {k: (v, getattr(settings, k)) for k, v in recorded.items() if getattr(settings, k) != v}
     if mismatched:
         what = ", ".join(f"VAT_{k.upper()} was {old!r}, now {new!r}" for k, (old, new) in mismatched.items())
         raise ResumeMismatch(
@@ -149,10 +158,12 @@ def check_consistent(
         raise CheckpointError(f"{path}: lacks {', '.join(missing)}")
     if state["step"] != step or state["phase"] != phase:
         raise CheckpointError(f"{path}: holds {state['phase']!r} step {state['step']!r}, not its file's")
-    if not isinstance(state["settings"], dict):
+    recorded = state["settings"]
+    plain = (bool, int, float, str, type(None))
+    if not isinstance(recorded, dict) or not all(isinstance(v, plain) for v in recorded.values()):
         raise CheckpointError(f"{path}: its settings are not readable")
     # Before the shapes: a checkpoint of another VAT_HIDDEN_UNITS is another experiment, not a broken file to skip.
-    check_resumable(phase, state["settings"], settings)
+    check_resumable(phase, recorded, settings)
     model = state["model"]
     if not isinstance(model, dict) or set(model) != set(expected_model):
         raise CheckpointError(f"{path}: not this model's weights")

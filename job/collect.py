@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from job.layout import MANIFEST, NO_SPACE, REPORT
-from job.settings import RUN_ID_PATTERN, ConfigError, load_settings
+from job.settings import IMPLICIT_BEFORE_ADDED, RUN_ID_PATTERN, ConfigError, load_settings
 from job.storage import RunStore, StorageError, client_from_settings, list_run_ids
 from job.verify import download_run, fetch_json_or_problem, manifest_problems
 
@@ -82,7 +82,7 @@ def read_runs(store_for: Any, run_ids: Sequence[str]) -> list[dict[str, Any]]:
                 problems.append(problem)
             else:
                 row["created_at"] = report.get("created_at")
-                row["settings"] = report.get("settings", {})
+                row["settings"] = {**IMPLICIT_BEFORE_ADDED, **report.get("settings", {})}
                 row["group"] = report.get("group") or row["settings"].get("run_group") or NO_GROUP
                 for model, test_set, metric in METRICS:
                     value = report.get("models", {}).get(model, {}).get(test_set, {}).get(metric)

@@ -45,6 +45,10 @@ ARTICLE_PRESET: dict[str, Any] = {
     "hidden_units": 100,
 }
 
+# Settings added after checkpoints and reports were first written, with the value every run before had: a record
+# that lacks one of them is read as that value (a checkpoint of the article's width resumes; another width does not).
+IMPLICIT_BEFORE_ADDED: dict[str, Any] = {"hidden_units": 100}
+
 UNKNOWN_SETTING = "unknown setting (a typo?); the settings are listed in .env.example"
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # used with fullmatch: no trailing newline
 

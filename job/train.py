@@ -311,5 +311,6 @@ def reestimate_batchnorm(model: nn.Module, data: MnistSplit, batch_size: int) ->
 
 
 def save_final_model(model: nn.Module, path: Path, hooks: Hooks) -> None:
-    save_checkpoint(path, {"model": model.state_dict(), "step": -1})
+    # The width travels with the weights: whoever loads model.pt builds ArticleCNN(hidden_units) to match.
+    save_checkpoint(path, {"model": model.state_dict(), "step": -1, "hidden_units": model.hidden_units})
     hooks.on_checkpoint(path)

@@ -95,9 +95,32 @@ def test_hidden_units_set_the_width_both_models_train_and_ship_and_a_resume_must
         result = run_phase(phase, s, mnist_split, tmp_path / phase)
         assert result.model.fc1.out_features == 24 and result.model.fc2.in_features == 24
         shipped = torch.load(tmp_path / phase / "model.pt", weights_only=True)
-        assert shipped["model"]["fc1.weight"].shape == (24, 7 * 7 * 64)
+        assert shipped["hidden_units"] == 24 and shipped["model"]["fc1.weight"].shape == (24, 7 * 7 * 64)
     with pytest.raises(ResumeMismatch, match="VAT_HIDDEN_UNITS was 24, now 100"):
         run_phase("vat", small_settings(ema_decay=0.9), mnist_split, tmp_path / "vat")
+
+
+def test_checkpoints_from_before_hidden_units_existed_are_the_articles_width_and_unknown_settings_are_refused(
+    mnist_split, tmp_path
+):
+    """Not skipped as corrupt (which would retrain from scratch over the run's files): refused, or resumed."""
+    from job.checkpoint import ResumeMismatch
+
+    run_phase("baseline", small_settings(), mnist_split, tmp_path)
+    for path in tmp_path.glob("checkpoint-*.pt"):
+        state = load_checkpoint(path)
+        del state["settings"]["hidden_units"]  # as written before the setting existed
+        save_checkpoint(path, state)
+    with pytest.raises(ResumeMismatch, match="VAT_HIDDEN_UNITS was 100, now 24"):
+        run_phase("baseline", small_settings(hidden_units=24), mnist_split, tmp_path)
+    assert run_phase("baseline", small_settings(), mnist_split, tmp_path).resumed_from == 4
+
+    for path in tmp_path.glob("checkpoint-*.pt"):
+        state = load_checkpoint(path)
+        state["settings"]["pixel_dropout"] = 0.1  # a setting of a newer version
+        save_checkpoint(path, state)
+    with pytest.raises(ResumeMismatch, match="another version of vat-job"):
+        run_phase("baseline", small_settings(), mnist_split, tmp_path)
 
 
 @pytest.mark.parametrize("mode,per_update", [("frozen", 2), ("update", 4)])
