@@ -52,6 +52,7 @@ TRAINING_FIELDS = {
         "lr",
         "lr_decay",
         "epsilon",
+        "epsilon_scaling",
         "xi",
         "power_iterations",
         "vat_weight",

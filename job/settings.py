@@ -33,6 +33,7 @@ ARTICLE_PRESET: dict[str, Any] = {
     "lr": 1e-3,
     "lr_decay": "none",
     "epsilon": 2.5,
+    "epsilon_scaling": "fixed",
     "xi": 1e-6,
     "power_iterations": 1,
     "entmin_weight": 0.0,
@@ -47,7 +48,7 @@ ARTICLE_PRESET: dict[str, Any] = {
 
 # Settings added after checkpoints and reports were first written, with the value every run before had: a record
 # that lacks one of them is read as that value (a checkpoint of the article's width resumes; another width does not).
-IMPLICIT_BEFORE_ADDED: dict[str, Any] = {"hidden_units": 100}
+IMPLICIT_BEFORE_ADDED: dict[str, Any] = {"hidden_units": 100, "epsilon_scaling": "fixed"}
 
 UNKNOWN_SETTING = "unknown setting (a typo?); the settings are listed in .env.example"
 RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # used with fullmatch: no trailing newline
@@ -135,6 +136,7 @@ class Settings(BaseSettings):
     lr: float = Field(default=1e-3, gt=0, le=1.0)
     lr_decay: Literal["none", "linear"] = "linear"
     epsilon: float = Field(default=3.5, gt=0)
+    epsilon_scaling: Literal["fixed", "input_norm"] = "fixed"
     xi: float = Field(default=1.0, gt=0)
     power_iterations: int = Field(default=1, ge=1, le=10)
     vat_weight: float = Field(default=1.0, ge=0)

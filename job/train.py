@@ -144,6 +144,7 @@ class Trainer:
                 xu,
                 clean_logits,
                 epsilon=s.epsilon,
+                epsilon_scaling=s.epsilon_scaling,
                 xi=s.xi,
                 power_iterations=s.power_iterations,
                 power_forward=power_forward,

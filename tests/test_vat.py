@@ -112,3 +112,23 @@ def test_model_matches_the_articles_layer_order_exactly():
     assert all(abs(float(w.detach().std()) - 0.02) < 0.005 for w in weights)
     layers = [m for m in ArticleCNN().modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     assert all(float(m.bias.detach().abs().sum()) == 0 for m in layers)
+
+
+@pytest.mark.parametrize("scaling", ["fixed", "input_norm"])
+def test_perturbation_radius_is_epsilon_or_proportional_to_each_images_norm(scaling):
+    torch.manual_seed(0)
+    model = ArticleCNN().eval()
+    x = torch.rand(6, 1, 28, 28) * torch.tensor([0.2, 0.5, 1.0, 1.0, 1.5, 2.0]).view(-1, 1, 1, 1)
+    seen = []
+
+    def forward(z):
+        seen.append(z.detach())
+        return model(z)
+
+    with torch.no_grad():
+        clean = model(x)
+    lds_loss(forward, x, clean, epsilon=3.0, xi=1.0, power_iterations=1, epsilon_scaling=scaling)
+    radius = (seen[-1] - x).flatten(1).norm(dim=1)  # the last pass is the perturbed one
+    norms = x.flatten(1).norm(dim=1)
+    expected = torch.full_like(norms, 3.0) if scaling == "fixed" else 3.0 * norms / norms.mean()
+    torch.testing.assert_close(radius, expected, rtol=1e-4, atol=1e-4)
