@@ -48,6 +48,7 @@ candidates = [  # issue 13, most promising first; with EMA every entry also scor
     ("ramp5000_ema0.999_shift1_10k", {**full, "entmin_rampup_steps": 5000, "train_steps": 10000}),
     ("ramp12500_ema0.9995_shift1_25k", {**full, "entmin_rampup_steps": 12500, "train_steps": 25000, "ema_decay": 0.9995}),
     ("ramp1500_ema0.999_shift1_eps5", {**full, "epsilon": 5.0}),
+    ("ramp1500_ema0.999_shift1_eps_input_norm", {**full, "epsilon_scaling": "input_norm"}),
     ("ramp1500_ema0.999_shift1_ub1024", {**full, "unlabeled_batch_size": 1024}),
     ("ramp1500_ema0.999_shift1_nodropout_unlabelled", {**full, "dropout_masks": "none"}),
     ("ramp1500_ema0.999_shift2", {**full, "translate_px": 2}),
