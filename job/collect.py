@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from job.layout import MANIFEST, NO_SPACE, REPORT
-from job.settings import IMPLICIT_BEFORE_ADDED, RUN_ID_PATTERN, ConfigError, load_settings
+from job.runid import RUN_ID_PATTERN
+from job.settings import IMPLICIT_BEFORE_ADDED, ConfigError, load_settings
 from job.storage import RunStore, StorageError, client_from_settings, list_run_ids
 from job.verify import download_run, fetch_json_or_problem, manifest_problems
 

@@ -11,8 +11,6 @@ import difflib
 import json
 import os
 import re
-import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -21,6 +19,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from job.logs import redact
+from job.runid import RUN_ID_PATTERN, generate_run_id, kubernetes_run_id
 
 ENV_PREFIX = "VAT_"
 
@@ -51,39 +50,10 @@ ARTICLE_PRESET: dict[str, Any] = {
 IMPLICIT_BEFORE_ADDED: dict[str, Any] = {"hidden_units": 100, "epsilon_scaling": "fixed"}
 
 UNKNOWN_SETTING = "unknown setting (a typo?); the settings are listed in .env.example"
-RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # used with fullmatch: no trailing newline
 
 
 class ConfigError(Exception):
     """A setting is invalid; the message is one line naming the variable, its value and what is allowed."""
-
-
-def generate_run_id() -> str:
-    """A sortable, unique run id: UTC time plus a random suffix."""
-    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
-
-
-# A CronJob names each Job "<cronjob name>-<scheduled time in minutes since the Unix epoch>" (the 11 characters
-# the Kubernetes documentation says it appends to the name).
-_SCHEDULED_JOB = re.compile(r"^(?P<cronjob>.+)-(?P<minutes>\d{8,10})$")
-
-
-def kubernetes_run_id(job_name: str, job_uid: str, group: str, index: str | None = None) -> str:
-    """The run id of a pod of a Kubernetes Job: the same for every retried pod of the Job, unique per Job.
-
-    A Job that the CronJob named `group` scheduled:  <scheduled UTC time>-<cronjob>-<uid[:8]>
-        e.g. 20261129T0200Z-vat-job-nightly-3f2a9c1d   (readable date, sorts by night)
-    any other Job (one-off, sweep):                    <job name>-<uid[:8]>[-<completion index>]
-        e.g. vat-sweep-x7k2p-3f2a9c1d-2
-    """
-    uid = re.sub(r"[^A-Za-z0-9]", "", job_uid)[:8].lower()
-    scheduled = _SCHEDULED_JOB.match(job_name)
-    if scheduled and scheduled["cronjob"] == group:
-        when = datetime.fromtimestamp(int(scheduled["minutes"]) * 60, UTC)
-        run_id = f"{when:%Y%m%dT%H%MZ}-{group}-{uid}"
-    else:
-        run_id = f"{job_name}-{uid}"
-    return run_id if index is None else f"{run_id}-{index}"
 
 
 class Settings(BaseSettings):

@@ -238,7 +238,7 @@ def test_the_three_pod_templates_differ_only_in_their_role(builds):
 
 
 def test_run_identity_and_groups_from_the_manifests(builds):
-    from job.settings import kubernetes_run_id
+    from job.runid import kubernetes_run_id
 
     (cron,) = [d for d in documents(builds["nightly"].read_text()) if d["kind"] == "CronJob"]
     _, _, pod = pod_specs([cron])[0]

@@ -2,7 +2,8 @@
 
 import pytest
 
-from job.settings import ConfigError, kubernetes_run_id, load_settings
+from job.runid import kubernetes_run_id
+from job.settings import ConfigError, load_settings
 
 UID = "3f2a9c1d-7b4e-4c1a-9e0f-0123456789ab"
 

@@ -1,0 +1,37 @@
+"""Run ids: generated for a one-off run, or derived from the Kubernetes Job whose pods retry the same run."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import UTC, datetime
+
+RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # used with fullmatch: no trailing newline
+
+
+def generate_run_id() -> str:
+    """A sortable, unique run id: UTC time plus a random suffix."""
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+# A CronJob names each Job "<cronjob name>-<scheduled time in minutes since the Unix epoch>" (the 11 characters
+# the Kubernetes documentation says it appends to the name).
+_SCHEDULED_JOB = re.compile(r"^(?P<cronjob>.+)-(?P<minutes>\d{8,10})$")
+
+
+def kubernetes_run_id(job_name: str, job_uid: str, group: str, index: str | None = None) -> str:
+    """The run id of a pod of a Kubernetes Job: the same for every retried pod of the Job, unique per Job.
+
+    A Job that the CronJob named `group` scheduled:  <scheduled UTC time>-<cronjob>-<uid[:8]>
+        e.g. 20261129T0200Z-vat-job-nightly-3f2a9c1d   (readable date, sorts by night)
+    any other Job (one-off, sweep):                    <job name>-<uid[:8]>[-<completion index>]
+        e.g. vat-sweep-x7k2p-3f2a9c1d-2
+    """
+    uid = re.sub(r"[^A-Za-z0-9]", "", job_uid)[:8].lower()
+    scheduled = _SCHEDULED_JOB.match(job_name)
+    if scheduled and scheduled["cronjob"] == group:
+        when = datetime.fromtimestamp(int(scheduled["minutes"]) * 60, UTC)
+        run_id = f"{when:%Y%m%dT%H%MZ}-{group}-{uid}"
+    else:
+        run_id = f"{job_name}-{uid}"
+    return run_id if index is None else f"{run_id}-{index}"
