@@ -45,9 +45,9 @@ ARTICLE_PRESET: dict[str, Any] = {
     "hidden_units": 100,
 }
 
-# Settings added after checkpoints and reports were first written, with the value every run before had: a record
-# that lacks one of them is read as that value (a checkpoint of the article's width resumes; another width does not).
-IMPLICIT_BEFORE_ADDED: dict[str, Any] = {"hidden_units": 100, "epsilon_scaling": "fixed"}
+# Settings added after checkpoints and reports were first written; every run before had the article's value, so a
+# record that lacks one is read as that (a checkpoint of the article's width resumes; another width does not).
+IMPLICIT_BEFORE_ADDED: dict[str, Any] = {name: ARTICLE_PRESET[name] for name in ("hidden_units", "epsilon_scaling")}
 
 UNKNOWN_SETTING = "unknown setting (a typo?); the settings are listed in .env.example"
 
