@@ -117,7 +117,7 @@ class Settings(BaseSettings):
     bn_reestimate: bool = False
     ema_decay: float = Field(default=0.999, ge=0, lt=1)
     translate_px: int = Field(default=1, ge=0, le=8)
-    hidden_units: int = Field(default=100, ge=1, le=8192)
+    hidden_units: int = Field(default=1024, ge=1, le=8192)
     checkpoint_every: int = Field(default=500, ge=1)
     eval_batch_size: int = Field(default=250, ge=1)
 

@@ -96,7 +96,7 @@ def test_hidden_units_set_the_width_both_models_train_and_ship_and_a_resume_must
         assert result.model.fc1.out_features == 24 and result.model.fc2.in_features == 24
         shipped = torch.load(tmp_path / phase / "model.pt", weights_only=True)
         assert shipped["hidden_units"] == 24 and shipped["model"]["fc1.weight"].shape == (24, 7 * 7 * 64)
-    with pytest.raises(ResumeMismatch, match="VAT_HIDDEN_UNITS was 24, now 100"):
+    with pytest.raises(ResumeMismatch, match="VAT_HIDDEN_UNITS was 24, now 1024"):  # the default width
         run_phase("vat", small_settings(ema_decay=0.9), mnist_split, tmp_path / "vat")
 
 
@@ -106,21 +106,24 @@ def test_checkpoints_from_before_hidden_units_existed_are_the_articles_width_and
     """Not skipped as corrupt (which would retrain from scratch over the run's files): refused, or resumed."""
     from job.checkpoint import ResumeMismatch
 
-    run_phase("baseline", small_settings(), mnist_split, tmp_path)
+    article_width = small_settings(hidden_units=100)
+    run_phase("baseline", article_width, mnist_split, tmp_path)
     for path in tmp_path.glob("checkpoint-*.pt"):
         state = load_checkpoint(path)
         del state["settings"]["hidden_units"]  # as written before the setting existed
         save_checkpoint(path, state)
     with pytest.raises(ResumeMismatch, match="VAT_HIDDEN_UNITS was 100, now 24"):
         run_phase("baseline", small_settings(hidden_units=24), mnist_split, tmp_path)
-    assert run_phase("baseline", small_settings(), mnist_split, tmp_path).resumed_from == 4
+    with pytest.raises(ResumeMismatch, match="VAT_HIDDEN_UNITS was 100, now 1024"):  # not silently the new default
+        run_phase("baseline", small_settings(), mnist_split, tmp_path)
+    assert run_phase("baseline", article_width, mnist_split, tmp_path).resumed_from == 4
 
     for path in tmp_path.glob("checkpoint-*.pt"):
         state = load_checkpoint(path)
         state["settings"]["pixel_dropout"] = 0.1  # a setting of a newer version
         save_checkpoint(path, state)
     with pytest.raises(ResumeMismatch, match="another version of vat-job"):
-        run_phase("baseline", small_settings(), mnist_split, tmp_path)
+        run_phase("baseline", article_width, mnist_split, tmp_path)
 
 
 @pytest.mark.parametrize("mode,per_update", [("frozen", 2), ("update", 4)])
@@ -205,7 +208,7 @@ def test_without_dropout_the_unlabelled_passes_are_deterministic_given_the_batch
     model = trainer.model.train()
     x = torch.rand(8, 1, 28, 28).contiguous(memory_format=torch.channels_last)
     keep_all = model.dropout_mask(8, x, p=0.0)
-    assert torch.equal(keep_all, torch.ones(8, 100))
+    assert torch.equal(keep_all, torch.ones(8, model.hidden_units))
     assert torch.equal(model(x, keep_all), model(x, keep_all))
     assert not torch.equal(model(x), model(x)), "the default mask drops units"
     assert torch.isfinite(trainer.update(0)).all()
