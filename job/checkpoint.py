@@ -96,7 +96,7 @@ def checkpoint_name(step: int) -> str:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Serialised in memory first (a few MB), so that a full disk is an OSError (DiskFull), not torch's
+    """Serialised in memory first (tens of MB), so that a full disk is an OSError (DiskFull), not torch's
     "unexpected pos" from inside its zip writer."""
     buffer = io.BytesIO()
     torch.save(state, buffer)

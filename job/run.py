@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from job import data, evaluate, logs, storage, train
-from job.checkpoint import CHECKPOINT_PATTERN
+from job.checkpoint import CHECKPOINT_PATTERN, list_checkpoints
 from job.device import configure_backend, resolve_device
 from job.layout import FINAL_MODEL, LOG, PHASES, RunLayout, write_json
 from job.lock import RunLock
@@ -200,3 +200,21 @@ def upload_as_training_goes(
         log.info("log_uploaded" if relative == LOG else "checkpoint_uploaded", file=relative)
     except storage.StorageError as error:
         log.warning("checkpoint_upload_failed", path=str(path), error=str(error), kept_locally=True)
+        return
+    if CHECKPOINT_PATTERN.match(path.name) and not stop.is_set():  # after a signal, the grace is the upload's
+        delete_older_checkpoints(store, path.parent, log)
+
+
+def delete_older_checkpoints(store: storage.RunStore, folder: Path, log: Any) -> None:
+    """Delete from the bucket a phase's checkpoints older than any the run folder keeps (VAT_KEEP_CHECKPOINTS).
+    Only once a newer one has arrived intact, so the bucket always holds one to resume from on another node."""
+    oldest_kept = min(step for step, _ in list_checkpoints(folder))
+    phase = folder.name
+    try:
+        for relative in store.remote_objects():
+            match = CHECKPOINT_PATTERN.match(relative.removeprefix(f"{phase}/"))
+            if relative.startswith(f"{phase}/") and match and int(match.group(1)) < oldest_kept:
+                store.delete(relative)
+                log.info("checkpoint_deleted", file=relative)
+    except storage.StorageError as error:  # the next checkpoint (or the next run's) tries again
+        log.warning("checkpoint_delete_failed", error=str(error))

@@ -119,6 +119,7 @@ class Settings(BaseSettings):
     translate_px: int = Field(default=1, ge=0, le=8)
     hidden_units: int = Field(default=1024, ge=1, le=8192)
     checkpoint_every: int = Field(default=500, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1)
     eval_batch_size: int = Field(default=250, ge=1)
 
     # Output.

@@ -160,6 +160,9 @@ class RunStore:
         if size != path.stat().st_size or stored_sha256 != sha256:
             raise StorageError(f"upload of {relative} did not arrive intact (size or sha256 differs)")
 
+    def delete(self, relative: str) -> None:
+        self._call(self.client.delete_object, Bucket=self.bucket, Key=self.key(relative))
+
     def stored(self, relative: str) -> tuple[int, str | None]:
         """Size and the sha256 recorded at upload of one object."""
         head = self._call(self.client.head_object, Bucket=self.bucket, Key=self.key(relative))

@@ -29,6 +29,7 @@ from torch.nn import functional as F
 from job.checkpoint import (
     checkpoint_name,
     latest_intact_checkpoint,
+    list_checkpoints,
     save_checkpoint,
     training_settings,
 )
@@ -242,6 +243,8 @@ def _train_phase(
     def checkpoint(step: int) -> Path:
         path = folder / checkpoint_name(step)
         save_checkpoint(path, trainer.state(step, history, seconds + time.perf_counter() - began))
+        for _, older in list_checkpoints(folder)[settings.keep_checkpoints :]:  # the upload hook then prunes the bucket
+            older.unlink(missing_ok=True)
         hooks.on_checkpoint(path)
         return path
 

@@ -94,6 +94,57 @@ def test_checkpoints_are_uploaded_as_training_goes(uploaded_run):
     assert final_uploads and not [f for f in final_uploads if "checkpoint" in f], "not uploaded twice"
 
 
+def test_only_the_newest_checkpoints_are_kept_in_the_run_folder_and_in_the_bucket(uploaded_run, s3_server):
+    """VAT_KEEP_CHECKPOINTS=2 (the default): the baseline wrote 2, 4 and 6; 2 was uploaded, then deleted."""
+    tmp, _, result = uploaded_run
+    local, stored = tmp / "runs" / "up-1", objects(s3_server["client"], "up-1")
+    for phase, kept in (("baseline", (4, 6)), ("vat", (2, 4))):
+        names = {f"{phase}/checkpoint-{step:07d}.pt" for step in kept}
+        assert {name for name in stored if name.startswith(f"{phase}/checkpoint-")} == names
+        assert {path.relative_to(local).as_posix() for path in local.glob(f"{phase}/checkpoint-*.pt")} == names
+    deleted = [e["file"] for e in events(result.stdout) if e["event"] == "checkpoint_deleted"]
+    assert deleted == ["baseline/checkpoint-0000002.pt"]
+
+
+def test_the_bucket_keeps_older_checkpoints_until_a_newer_one_has_arrived_intact(tmp_path):
+    """A failed upload must not leave the bucket without a checkpoint to resume from on another node."""
+    from job.layout import RunLayout
+    from job.logs import get_logger
+    from job.run import upload_as_training_goes
+    from job.stop import StopFlag
+    from job.storage import StorageError
+
+    class Bucket:
+        def __init__(self):
+            self.objects = {"vat/checkpoint-0000002.pt": 1, "vat/checkpoint-0000004.pt": 1}
+            self.failing = True
+
+        def upload(self, path, relative):
+            if self.failing:
+                raise StorageError("connection reset")
+            self.objects[relative] = path.stat().st_size
+
+        def remote_objects(self):
+            return dict(self.objects)
+
+        def delete(self, relative):
+            del self.objects[relative]
+
+    class Lock:
+        def check(self):
+            pass
+
+    layout, bucket = RunLayout(tmp_path), Bucket()
+    (tmp_path / "vat").mkdir()
+    newest = tmp_path / "vat" / "checkpoint-0000006.pt"  # the run folder keeps 6 (4 and 2 pruned, keep=1)
+    newest.write_bytes(b"x")
+    upload_as_training_goes(bucket, layout, newest, get_logger(), StopFlag(), Lock())
+    assert set(bucket.objects) == {"vat/checkpoint-0000002.pt", "vat/checkpoint-0000004.pt"}
+    bucket.failing = False
+    upload_as_training_goes(bucket, layout, newest, get_logger(), StopFlag(), Lock())
+    assert set(bucket.objects) == {"vat/checkpoint-0000006.pt"}
+
+
 def test_resume_from_the_bucket_after_the_local_folder_is_gone(uploaded_run, s3_server):
     tmp, env, first = uploaded_run
     report_before = json.loads((tmp / "runs/up-1/report.json").read_text())

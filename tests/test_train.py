@@ -87,6 +87,15 @@ def test_resume_with_other_training_settings_is_refused(mnist_split, tmp_path):
         run_phase("baseline", small_settings(lr=0.01), mnist_split, tmp_path)
 
 
+def test_the_run_folder_keeps_the_newest_checkpoints_and_a_resume_uses_them(mnist_split, tmp_path):
+    s = small_settings(keep_checkpoints=1, baseline_steps=6)
+    with pytest.raises(Interrupted):
+        run_phase("baseline", s, mnist_split, tmp_path, stop=StopAfter(5))
+    assert [path.name for path in tmp_path.glob("checkpoint-*.pt")] == ["checkpoint-0000005.pt"]
+    assert run_phase("baseline", s, mnist_split, tmp_path).resumed_from == 5
+    assert sorted(path.name for path in tmp_path.glob("checkpoint-*.pt")) == ["checkpoint-0000006.pt"]
+
+
 def test_hidden_units_set_the_width_both_models_train_and_ship_and_a_resume_must_keep(mnist_split, tmp_path):
     from job.checkpoint import ResumeMismatch
 
