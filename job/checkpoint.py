@@ -7,6 +7,7 @@ import io
 import pickle
 import re
 import zipfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,18 @@ def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
         if match:
             found.append((int(match.group(1)), path))
     return sorted(found, reverse=True)
+
+
+def superseded(steps: Iterable[int], written: int, keep: int) -> list[int]:
+    """What to delete once checkpoint `written` is saved: all but the newest `keep` at or below it. Higher steps
+    are left alone: a resume skipped them as damaged, and training overwrites them when it gets there."""
+    return sorted((step for step in steps if step <= written), reverse=True)[keep:]
+
+
+def prune_checkpoints(folder: Path, written: int, keep: int) -> None:
+    checkpoints = dict(list_checkpoints(folder))
+    for step in superseded(checkpoints, written, keep):
+        checkpoints[step].unlink(missing_ok=True)
 
 
 def latest_intact_checkpoint(

@@ -49,6 +49,7 @@ NOT_CONFIGURATION = {
     "plots",
     "label_split_seed_from_index",
     "checkpoint_every",
+    "keep_checkpoints",
     "run_group",
     "job_name",
     "job_uid",

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from job import data, evaluate, logs, storage, train
-from job.checkpoint import CHECKPOINT_PATTERN, list_checkpoints
+from job.checkpoint import CHECKPOINT_PATTERN, superseded
 from job.device import configure_backend, resolve_device
 from job.layout import FINAL_MODEL, LOG, PHASES, RunLayout, write_json
 from job.lock import RunLock
@@ -87,7 +87,9 @@ def run_job(settings: Settings, stop: StopFlag, log: Any) -> dict[str, Any]:
         hooks = train.Hooks(
             log=log,
             on_corrupt=lambda path, error: log.warning("checkpoint_corrupt", path=str(path), error=str(error)),
-            on_checkpoint=lambda path: upload_as_training_goes(store, layout, path, log, stop, lock),
+            on_checkpoint=lambda path: upload_as_training_goes(
+                store, layout, path, log, stop, lock, settings.keep_checkpoints
+            ),
         )
         # Both models train before either is evaluated: on the CPU, evaluation's allocations between the two
         # would fragment the heap that the VAT updates reuse (0.43 -> 0.51 s per update).
@@ -98,7 +100,7 @@ def run_job(settings: Settings, stop: StopFlag, log: Any) -> dict[str, Any]:
             }
         except Interrupted:
             # The log goes with the checkpoint, so that a resume on another node keeps this attempt's lines.
-            upload_as_training_goes(store, layout, layout.log, log, stop, lock)
+            upload_as_training_goes(store, layout, layout.log, log, stop, lock, settings.keep_checkpoints)
             raise
         models = {}
         for phase, result in results.items():
@@ -187,7 +189,7 @@ def seconds_since_process_start() -> float | None:
 
 
 def upload_as_training_goes(
-    store: storage.RunStore | None, layout: RunLayout, path: Any, log: Any, stop: StopFlag, lock: RunLock
+    store: storage.RunStore | None, layout: RunLayout, path: Any, log: Any, stop: StopFlag, lock: RunLock, keep: int
 ) -> None:
     """Checkpoints reach the bucket as they are written; a failed upload is retried by the final upload."""
     if store is None:
@@ -201,20 +203,30 @@ def upload_as_training_goes(
     except storage.StorageError as error:
         log.warning("checkpoint_upload_failed", path=str(path), error=str(error), kept_locally=True)
         return
-    if CHECKPOINT_PATTERN.match(path.name) and not stop.is_set():  # after a signal, the grace is the upload's
-        delete_older_checkpoints(store, path.parent, log)
+    written = CHECKPOINT_PATTERN.match(path.name)
+    if written and not stop.is_set():  # after a signal, the grace is the upload's
+        delete_older_checkpoints(store, path.parent.name, int(written.group(1)), keep, lock, stop, log)
 
 
-def delete_older_checkpoints(store: storage.RunStore, folder: Path, log: Any) -> None:
-    """Delete from the bucket a phase's checkpoints older than any the run folder keeps (VAT_KEEP_CHECKPOINTS).
-    Only once a newer one has arrived intact, so the bucket always holds one to resume from on another node."""
-    oldest_kept = min(step for step, _ in list_checkpoints(folder))
-    phase = folder.name
+def delete_older_checkpoints(
+    store: storage.RunStore, phase: str, written: int, keep: int, lock: RunLock, stop: StopFlag, log: Any
+) -> None:
+    """Once checkpoint `written` of `phase` has arrived, the bucket keeps the newest `keep` of each phase (judged
+    from its own listing, so uploads that failed leave older ones in place) and deletes the rest."""
     try:
-        for relative in store.remote_objects():
-            match = CHECKPOINT_PATTERN.match(relative.removeprefix(f"{phase}/"))
-            if relative.startswith(f"{phase}/") and match and int(match.group(1)) < oldest_kept:
-                store.delete(relative)
-                log.info("checkpoint_deleted", file=relative)
-    except storage.StorageError as error:  # the next checkpoint (or the next run's) tries again
+        with stop.waiting(0):  # a signal ends it at once: the loop then writes and uploads its checkpoint
+            lock.check()  # never delete what a job that took the lease over may be resuming from
+            remote: dict[str, dict[int, str]] = {name: {} for name in PHASES}
+            for relative in store.remote_objects():
+                folder, _, name = relative.partition("/")
+                match = CHECKPOINT_PATTERN.match(name)
+                if folder in remote and match:
+                    remote[folder][int(match.group(1))] = relative
+            for name, steps in remote.items():
+                for step in superseded(steps, written if name == phase else max(steps, default=0), keep):
+                    store.delete(steps[step])
+                    log.info("checkpoint_deleted", file=steps[step])
+    except Stopped:
+        pass
+    except storage.StorageError as error:  # the next checkpoint's upload tries again
         log.warning("checkpoint_delete_failed", error=str(error))

@@ -29,7 +29,7 @@ from torch.nn import functional as F
 from job.checkpoint import (
     checkpoint_name,
     latest_intact_checkpoint,
-    list_checkpoints,
+    prune_checkpoints,
     save_checkpoint,
     training_settings,
 )
@@ -243,8 +243,7 @@ def _train_phase(
     def checkpoint(step: int) -> Path:
         path = folder / checkpoint_name(step)
         save_checkpoint(path, trainer.state(step, history, seconds + time.perf_counter() - began))
-        for _, older in list_checkpoints(folder)[settings.keep_checkpoints :]:  # the upload hook then prunes the bucket
-            older.unlink(missing_ok=True)
+        prune_checkpoints(folder, step, settings.keep_checkpoints)  # first: then the upload hook prunes the bucket
         hooks.on_checkpoint(path)
         return path
 

@@ -31,8 +31,9 @@ def bucket(s3_server, tmp_path_factory):  # noqa: F811
             "group": group,
             "created_at": created_at,
             "settings": {"run_id": run_id, "run_group": group, "label_split_seed": seed, "epsilon": 2.5}
-            # The newest nightly run was made after VAT_HIDDEN_UNITS existed: it is still the same configuration.
-            | ({"hidden_units": 100} if created_at.startswith("2026-11-29") else {}),
+            # The newest nightly run was made after VAT_HIDDEN_UNITS and VAT_KEEP_CHECKPOINTS existed (the width
+            # the one before had, a file count that is not an experiment): still the same configuration.
+            | ({"hidden_units": 100, "keep_checkpoints": 2} if created_at.startswith("2026-11-29") else {}),
             "models": {
                 "vat": {"mnist_test": {"accuracy": accuracy, "macro_f1": accuracy - 0.001}},
                 "baseline": {"mnist_test": {"accuracy": 0.80, "macro_f1": 0.79}},

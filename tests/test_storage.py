@@ -106,8 +106,8 @@ def test_only_the_newest_checkpoints_are_kept_in_the_run_folder_and_in_the_bucke
     assert deleted == ["baseline/checkpoint-0000002.pt"]
 
 
-def test_the_bucket_keeps_older_checkpoints_until_a_newer_one_has_arrived_intact(tmp_path):
-    """A failed upload must not leave the bucket without a checkpoint to resume from on another node."""
+def test_the_bucket_keeps_the_newest_checkpoints_it_holds_and_deletes_only_after_an_intact_upload(tmp_path):
+    """A failed upload must not leave the bucket without checkpoints to resume from on another node."""
     from job.layout import RunLayout
     from job.logs import get_logger
     from job.run import upload_as_training_goes
@@ -115,9 +115,8 @@ def test_the_bucket_keeps_older_checkpoints_until_a_newer_one_has_arrived_intact
     from job.storage import StorageError
 
     class Bucket:
-        def __init__(self):
-            self.objects = {"vat/checkpoint-0000002.pt": 1, "vat/checkpoint-0000004.pt": 1}
-            self.failing = True
+        def __init__(self, names):
+            self.objects, self.failing = dict.fromkeys(names, 1), False
 
         def upload(self, path, relative):
             if self.failing:
@@ -134,15 +133,29 @@ def test_the_bucket_keeps_older_checkpoints_until_a_newer_one_has_arrived_intact
         def check(self):
             pass
 
-    layout, bucket = RunLayout(tmp_path), Bucket()
-    (tmp_path / "vat").mkdir()
-    newest = tmp_path / "vat" / "checkpoint-0000006.pt"  # the run folder keeps 6 (4 and 2 pruned, keep=1)
-    newest.write_bytes(b"x")
-    upload_as_training_goes(bucket, layout, newest, get_logger(), StopFlag(), Lock())
-    assert set(bucket.objects) == {"vat/checkpoint-0000002.pt", "vat/checkpoint-0000004.pt"}
+    def written(step):
+        path = tmp_path / "vat" / f"checkpoint-{step:07d}.pt"
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"x")
+        return path
+
+    def upload(step):
+        upload_as_training_goes(bucket, RunLayout(tmp_path), written(step), get_logger(), StopFlag(), Lock(), 2)
+
+    baseline = {f"baseline/checkpoint-{step:07d}.pt" for step in (2, 4, 6)}  # a delete that failed earlier
+    bucket = Bucket({*baseline, "vat/checkpoint-0000002.pt", "vat/checkpoint-0000004.pt", "vat/model.pt"})
+    bucket.failing = True
+    upload(6)  # the run folder now keeps 6 and 4: the bucket still has 4 and 2, and keeps both
+    assert set(bucket.objects) == {*baseline, "vat/checkpoint-0000002.pt", "vat/checkpoint-0000004.pt", "vat/model.pt"}
     bucket.failing = False
-    upload_as_training_goes(bucket, layout, newest, get_logger(), StopFlag(), Lock())
-    assert set(bucket.objects) == {"vat/checkpoint-0000006.pt"}
+    upload(8)  # 6 never arrived: the bucket's newest two are 8 and 4
+    assert set(bucket.objects) == {
+        "baseline/checkpoint-0000004.pt",
+        "baseline/checkpoint-0000006.pt",
+        "vat/checkpoint-0000004.pt",
+        "vat/checkpoint-0000008.pt",
+        "vat/model.pt",
+    }
 
 
 def test_resume_from_the_bucket_after_the_local_folder_is_gone(uploaded_run, s3_server):

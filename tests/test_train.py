@@ -96,6 +96,19 @@ def test_the_run_folder_keeps_the_newest_checkpoints_and_a_resume_uses_them(mnis
     assert sorted(path.name for path in tmp_path.glob("checkpoint-*.pt")) == ["checkpoint-0000006.pt"]
 
 
+def test_checkpoints_a_resume_skipped_as_damaged_never_push_out_the_one_just_written(mnist_split, tmp_path):
+    s = small_settings(baseline_steps=6)  # VAT_KEEP_CHECKPOINTS=2
+    with pytest.raises(Interrupted):
+        run_phase("baseline", s, mnist_split, tmp_path, stop=StopAfter(5))  # leaves 4 and 5
+    for path in tmp_path.glob("checkpoint-*.pt"):
+        path.write_bytes(path.read_bytes()[:100])  # both damaged: the resume starts from scratch
+    written = []
+    hooks = Hooks(log=get_logger(), on_checkpoint=lambda path: written.append((path.name, path.exists())))
+    assert train_phase("baseline", s, mnist_split, CPU, tmp_path, StopFlag(), hooks).resumed_from is None
+    assert written and all(exists for _, exists in written), written
+    assert max(p.name for p in tmp_path.glob("checkpoint-*.pt")) == "checkpoint-0000006.pt"
+
+
 def test_hidden_units_set_the_width_both_models_train_and_ship_and_a_resume_must_keep(mnist_split, tmp_path):
     from job.checkpoint import ResumeMismatch
 
