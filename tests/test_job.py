@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, job_env, sigterm_during_vat
+from tests.conftest import DEFAULT_WIDTH, REPO, job_env, sigterm_during_vat
 
 REQUIRED_LOG_KEYS = {"timestamp", "level", "event", "run_id"}
 
@@ -25,7 +25,7 @@ def json_lines(text):
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, mnist_dir):
     tmp = tmp_path_factory.mktemp("job")
-    env = job_env(tmp, mnist_dir, RUN_ID="e2e", PLOTS="true", LOG_EVERY_S="0.01")
+    env = job_env(tmp, mnist_dir, RUN_ID="e2e", PLOTS="true", LOG_EVERY_S="0.01", **DEFAULT_WIDTH)
     result = run(env)
     return tmp / "runs" / "e2e", result
 
@@ -51,6 +51,7 @@ def test_report_has_the_documented_layout(finished_run):
     report = json.loads((folder / "report.json").read_text())
     assert report["run_id"] == "e2e"
     assert report["settings"]["epsilon"] == 3.5 and "environment" in report
+    assert report["settings"]["hidden_units"] == 1024  # the default width, end to end
     assert report["environment"]["versions"]["torch"]
     timings = report["timings_s"]
     assert 0 < timings["startup"] < 120 and timings["peak_rss_mb"] > 0

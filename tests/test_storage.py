@@ -12,7 +12,7 @@ import time
 import boto3
 import pytest
 
-from tests.conftest import REPO, job_env, moto_on_loopback, sigterm_during_vat
+from tests.conftest import DEFAULT_WIDTH, REPO, job_env, moto_on_loopback, sigterm_during_vat
 
 BUCKET = "vat-results"
 
@@ -54,7 +54,7 @@ def objects(client, run_id):
 @pytest.fixture(scope="module")
 def uploaded_run(tmp_path_factory, mnist_dir, s3_server):
     tmp = tmp_path_factory.mktemp("s3run")
-    env = env_for(tmp, mnist_dir, s3_server, RUN_ID="up-1", PLOTS="true")
+    env = env_for(tmp, mnist_dir, s3_server, RUN_ID="up-1", PLOTS="true", **DEFAULT_WIDTH)
     result = run(env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return tmp, env, result
