@@ -36,7 +36,7 @@ import json, sys
 scale, smoke = float(sys.argv[1]), sys.argv[2] == "1"
 base = {"xi": 1.0, "epsilon": 3.5}
 # Every setting a candidate varies is spelled out, so a later change of the job's defaults cannot turn one
-# candidate into another (the ramped recipe, the previous default, has no weight average and no shifts).
+# candidate into another (the ramped recipe, the default before session 4, has no weight average and no shifts).
 ramped = {**base, "entmin_weight": 1.0, "entmin_rampup_steps": 1500, "ema_decay": 0.0, "translate_px": 0,
           "hidden_units": 100}
 full = {**ramped, "ema_decay": 0.999, "translate_px": 1}  # the default in sessions 4-5

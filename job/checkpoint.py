@@ -1,5 +1,5 @@
-"""Checkpoints: atomic writes, safe loads (`weights_only=True`), the latest intact one of a folder, and which
-settings a checkpoint must share with the run that resumes from it."""
+"""Checkpoints: atomic writes, safe loads (`weights_only=True`), the latest intact one of a folder, which older
+ones to delete (VAT_KEEP_CHECKPOINTS), and which settings a checkpoint must share with the run that resumes from it."""
 
 from __future__ import annotations
 

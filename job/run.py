@@ -191,7 +191,8 @@ def seconds_since_process_start() -> float | None:
 def upload_as_training_goes(
     store: storage.RunStore | None, layout: RunLayout, path: Any, log: Any, stop: StopFlag, lock: RunLock, keep: int
 ) -> None:
-    """Checkpoints reach the bucket as they are written; a failed upload is retried by the final upload."""
+    """Checkpoints reach the bucket as they are written; once one has arrived, the bucket's older ones beyond the
+    newest `keep` are deleted. A failed upload is retried by the final upload if the run folder still keeps it."""
     if store is None:
         return
     lock.check()  # a job whose lease was taken over (it stalled past the lease) stops writing: exit 7

@@ -143,7 +143,7 @@ class RunStore:
         self._call(self.client.delete_object, Bucket=self.bucket, Key=probe)
 
     def upload(self, path: Path, relative: str, sha256: str | None = None) -> None:
-        """Upload one file (multipart above 8 MiB) and check that the stored size matches."""
+        """Upload one file (multipart above 8 MiB) and check that the stored size and recorded sha256 match."""
         sha256 = sha256 or sha256_of(path)
         self._call(
             self.client.upload_file,

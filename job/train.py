@@ -55,7 +55,7 @@ class PhaseResult:
 
 @dataclass
 class Hooks:
-    """What the loop reports to the outside: logging and a new checkpoint (uploads attach here)."""
+    """What the loop reports to the outside: logging and a new checkpoint (uploads, and pruning the bucket)."""
 
     log: Any
     on_checkpoint: Callable[[Path], None] = lambda path: None

@@ -49,7 +49,7 @@ def job_env(tmp_path: Path, mnist_dir: Path, **settings) -> dict:
         VAT_CHECKPOINT_EVERY="2",
         VAT_EVAL_BATCH_SIZE="5000",
         VAT_PLOTS="false",
-        # The article's width: the plumbing is the same and checkpoints are 10x smaller (5 MB, not 52), which
+        # The article's width: the plumbing is the same and checkpoints are about 9x smaller (5.6 MB, not 52), which
         # keeps the suite's thirty-odd job runs fast. The end-to-end fixtures of test_job and test_storage pass
         # DEFAULT_WIDTH, so the default's large checkpoints go through the job and the bucket too.
         VAT_HIDDEN_UNITS="100",
