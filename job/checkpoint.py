@@ -115,16 +115,18 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
+def checkpoint_step(name: str) -> int | None:
+    """The step of a checkpoint's file name; None for any other file."""
+    match = CHECKPOINT_PATTERN.match(name)
+    return int(match.group(1)) if match else None
+
+
 def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
     """Checkpoints of `folder`, newest first."""
     if not folder.is_dir():
         return []
-    found = []
-    for path in folder.iterdir():
-        match = CHECKPOINT_PATTERN.match(path.name)
-        if match:
-            found.append((int(match.group(1)), path))
-    return sorted(found, reverse=True)
+    steps = ((checkpoint_step(path.name), path) for path in folder.iterdir())
+    return sorted(((step, path) for step, path in steps if step is not None), reverse=True)
 
 
 def superseded(steps: Iterable[int], written: int, keep: int) -> list[int]:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from job import data, evaluate, logs, storage, train
-from job.checkpoint import CHECKPOINT_PATTERN, superseded
+from job.checkpoint import CHECKPOINT_PATTERN, checkpoint_step, superseded
 from job.device import configure_backend, resolve_device
 from job.layout import FINAL_MODEL, LOG, PHASES, RunLayout, write_json
 from job.lock import RunLock
@@ -204,9 +204,9 @@ def upload_as_training_goes(
     except storage.StorageError as error:
         log.warning("checkpoint_upload_failed", path=str(path), error=str(error), kept_locally=True)
         return
-    written = CHECKPOINT_PATTERN.match(path.name)
-    if written and not stop.is_set():  # after a signal, the grace is the upload's
-        delete_older_checkpoints(store, path.parent.name, int(written.group(1)), keep, lock, stop, log)
+    written = checkpoint_step(path.name)
+    if written is not None and not stop.is_set():  # after a signal, the grace is the upload's
+        delete_older_checkpoints(store, path.parent.name, written, keep, lock, stop, log)
 
 
 def delete_older_checkpoints(
@@ -220,9 +220,9 @@ def delete_older_checkpoints(
             remote: dict[str, dict[int, str]] = {name: {} for name in PHASES}
             for relative in store.remote_objects():
                 folder, _, name = relative.partition("/")
-                match = CHECKPOINT_PATTERN.match(name)
-                if folder in remote and match:
-                    remote[folder][int(match.group(1))] = relative
+                step = checkpoint_step(name)
+                if folder in remote and step is not None:
+                    remote[folder][step] = relative
             for name, steps in remote.items():
                 for step in superseded(steps, written if name == phase else max(steps, default=0), keep):
                     store.delete(steps[step])
