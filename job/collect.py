@@ -2,7 +2,8 @@
 
     vat-job collect [--format table|json|csv]          every run under s3://<bucket>/<prefix>/runs/, oldest first
     vat-job collect --group NAME                        only the runs of one group (a sweep, the nightly, one-off)
-    vat-job collect --group NAME --trend [--plot PNG]   accuracy of one group over time, as a table and a PNG
+    vat-job collect --group NAME --trend [--plot PNG]   accuracy of one group over time, as a table and a PNG,
+                                                        marking where its configuration changed
     vat-job collect --run RUN_ID --download DIR         fetch one run's artifacts, verified against its manifest
     vat-job collect --promoted DIR                      fetch the promoted model, report and pointer
 
@@ -111,12 +112,17 @@ def differing_settings(rows: list[dict[str, Any]]) -> list[str]:
     return [k for k in keys if len({json.dumps(row.get("settings", {}).get(k)) for row in rows}) > 1]
 
 
+def configuration(row: dict[str, Any]) -> dict[str, Any]:
+    """The settings that make a run the experiment it is (all but seeds, names and output-only settings)."""
+    return {k: v for k, v in row.get("settings", {}).items() if k not in NOT_CONFIGURATION}
+
+
 def group_by_configuration(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         if "settings" not in row:
             continue
-        config = {k: v for k, v in row["settings"].items() if k not in NOT_CONFIGURATION}
+        config = configuration(row)
         groups.setdefault(json.dumps([row["group"], config], sort_keys=True), []).append(row)
     summaries = []
     for key, members in groups.items():
@@ -267,7 +273,7 @@ def main(argv: Sequence[str]) -> int:
             return 2
         from job import trend as trends
 
-        trend = trends.trend_rows(rows)
+        trend = trends.trend_rows(rows, configuration)
         if args.format == "json":
             print(json.dumps({"group": names[0], "runs": trend}, indent=2))
         else:

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from job import collect
+from job import collect, trend
 from job.storage import RunStore, make_client
 from tests.test_storage import BUCKET, s3_server  # noqa: F401  (s3_server is a fixture)
 
@@ -105,6 +105,29 @@ def test_trend_of_one_group_as_a_table_and_a_png(collect_env, capsys):
 
     code, _, err = collected(capsys, "--trend")
     assert code == 2 and "--trend needs --group" in err
+
+
+def test_trend_marks_where_the_configuration_changed(tmp_path):
+    """A new image with new defaults makes a step in the nightly's accuracy: the trend says which settings moved,
+    not seeds, run ids or output-only settings."""
+
+    def run(run_id, created_at, train_steps, accuracy, **other):
+        settings = {"run_id": run_id, "label_split_seed": 1, "train_steps": train_steps, **other}
+        return {"run_id": run_id, "created_at": created_at, "settings": settings, trend.VAT: accuracy}
+
+    rows = [
+        run("c", "2026-12-03T02:00:00+00:00", 6000, 0.9884, checkpoint_every=1000),
+        run("a", "2026-12-01T02:00:00+00:00", 3000, 0.9865, checkpoint_every=500),
+        run("b", "2026-12-02T02:00:00+00:00", 6000, 0.9887, checkpoint_every=500),
+    ]
+    rows = trend.trend_rows(rows, collect.configuration)
+    assert [row["run_id"] for row in rows] == ["a", "b", "c"]
+    assert [row.get("changed") for row in rows] == [None, "train_steps 3000->6000", None]
+    table = trend.render_trend("vat-job-nightly", rows).splitlines()
+    assert table[1].endswith("settings changed")
+    assert [line.endswith("train_steps 3000->6000") for line in table[2:]] == [False, True, False]
+    png = trend.plot_trend("vat-job-nightly", rows, tmp_path / "trend.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_promoted_model_is_fetched_through_its_pointer(collect_env, capsys, tmp_path, monkeypatch):
