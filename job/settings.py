@@ -100,7 +100,7 @@ class Settings(BaseSettings):
     amp: Literal["off", "bf16", "fp16"] = "off"
     cuda_graphs: bool = True
     baseline_steps: int = Field(default=500, ge=0)
-    train_steps: int = Field(default=3000, ge=0)
+    train_steps: int = Field(default=6000, ge=0)
     labeled_batch_size: int = Field(default=100, ge=1)
     unlabeled_batch_size: int = Field(default=512, ge=1)
     lr: float = Field(default=1e-3, gt=0, le=1.0)
