@@ -3,9 +3,11 @@
 usage: python bench/sweep.py --plan PLAN.json --out RESULTS.jsonl [--data-dir DIR] [--deadline-s S]
                              [--worker I --workers N]
 
-PLAN.json is a list of {"name": ..., "phase": "vat"|"baseline", "settings": {field: value}}. Each entry is
-trained from scratch in this process (no checkpoints) and evaluated on the seeded test set (for
-selection) and the official MNIST test set (reported, never used to choose). A VAT model trained without
+PLAN.json is a list of {"name": ..., "phase": "vat"|"baseline", "settings": {field: value}}; what an entry does
+not set is the job's default. Each entry is trained from scratch in this process (no checkpoints), its training
+settings as resolved are recorded (`trained_with`: lines written before session 7 lack it, and those without
+`train_steps` in `settings` trained 3,000 updates, the default then) and it is evaluated on the seeded test set
+(for selection) and the official MNIST test set (reported, never used to choose). A VAT model trained without
 VAT_BN_REESTIMATE is evaluated a second time after re-estimating its BatchNorm statistics (`bnre_*` keys),
 so every entry also measures that option at no training cost; with VAT_EMA_DECAY the shipped model is the weight
 average and the last weights are scored too (`last_*` keys). With --workers N, this process takes every
@@ -38,6 +40,7 @@ def main() -> None:
 
     import torch
 
+    from job.checkpoint import training_settings
     from job.data import load_mnist, raw_dir
     from job.device import configure_backend, resolve_device
     from job.evaluate import evaluate
@@ -78,6 +81,8 @@ def main() -> None:
                 "name": entry["name"],
                 "phase": entry["phase"],
                 "settings": entry["settings"],
+                # every training setting as resolved, so a line stays readable after the job's defaults change
+                "trained_with": training_settings(entry["phase"], s),
                 "seconds": round(seconds, 2),
                 "ms_per_update": round(1000 * seconds / max(result.steps, 1), 3),
                 **scores(metrics),
