@@ -50,7 +50,7 @@ full = {**ramped, "ema_decay": 0.999, "translate_px": 1}  # the default in sessi
 wide = {**full, "hidden_units": 1024}  # the default in session 6 (beyond the article's width)
 default = {**wide, "train_steps": 6000}  # the default since session 7
 # Measured on the CPU over three seeds (BENCHMARKS.md section 4): EMA and 1-pixel shifts add 0.0009 seeded /
-# 0.0034 MNIST test, the 1,024-unit layer another 0.0031 / 0.0025, 6,000 updates instead of 3,000 another XXX.
+# 0.0034 MNIST test, the 1,024-unit layer another 0.0031 / 0.0025, 6,000 updates instead of 3,000 another 0.0015 / 0.0013.
 # The GPU time goes first to what the CPU cannot afford: a longer schedule and the larger unlabelled batch; the
 # default and the previous default follow, as references on this device. At the 18-23 ms per update that each of
 # four processes sharing the H200 took at 100 units (h200_sweeps.jsonl), the lease fits about 40,000-60,000
