@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ def trend_rows(
     finished = sorted(
         (row for row in rows if row.get("created_at") and row.get(VAT) is not None), key=lambda row: row["created_at"]
     )
-    for before, row in zip(finished, finished[1:], strict=False):
+    for before, row in pairwise(finished):
         old, new = configuration(before), configuration(row)
         changed = [
             f"{k} {old.get(k)}->{new.get(k)}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)
