@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session, prepared to fit a short lease (under 10 minutes of command time: 120 + 60 + 60 + 330 s at most):
+# One GPU session, prepared to fit a short lease (under 10 minutes of command time: 120 + 45 + 90 + 330 s at most):
 #  1. the speed table of the job at the article's budget (500 + 3,000 updates, 100 units: issue 2's 20 s target),
 #     with start-up time and a per-kernel profile, then once more with a warm file cache; then the default job,
 #  2. issue 13's accuracy sweep: each candidate on label seeds 1, 2, 3 (selection on the seeded test set; the
@@ -32,10 +32,11 @@ t0=$(date +%s)
 timeout 120 python3 bench/bench.py --data-dir $data --profile-steps 20 $article > "$out/bench_article_budget.txt" 2>&1
 echo "bench article budget rc=$? $(( $(date +%s) - t0 ))s"; head -16 "$out/bench_article_budget.txt"
 # The process wall time again, now that the file cache is warm (the first run pays for a cold disk).
-timeout 60 python3 bench/bench.py --data-dir $data --profile-steps 0 $article > "$out/bench_article_budget_warm.txt" 2>&1
+timeout 45 python3 bench/bench.py --data-dir $data --profile-steps 0 $article > "$out/bench_article_budget_warm.txt" 2>&1
 echo "bench article budget (warm cache) rc=$? $(( $(date +%s) - t0 ))s"; sed -n 4,12p "$out/bench_article_budget_warm.txt"
-# The default job as users run it (6,000 updates at 1,024 units; rc 124: it took longer than 60 s).
-timeout 60 python3 bench/bench.py --data-dir $data --profile-steps 0 $steps > "$out/bench_default_6k.txt" 2>&1
+# The default job as users run it (6,000 updates at 1,024 units: about 25 s of VAT at the 4.2 ms per update measured
+# at 100 units, plus start-up; rc 124: it took longer than 90 s).
+timeout 90 python3 bench/bench.py --data-dir $data --profile-steps 0 $steps > "$out/bench_default_6k.txt" 2>&1
 echo "bench default rc=$? $(( $(date +%s) - t0 ))s"; sed -n 4,12p "$out/bench_default_6k.txt"
 
 python3 - "$scale" "${SMOKE:-0}" > /tmp/plan.json <<'EOF'

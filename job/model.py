@@ -79,7 +79,8 @@ def weight_average(model: nn.Module, decay: float) -> torch.optim.swa_utils.Aver
     """An exponential moving average of the weights and BatchNorm statistics (VAT_EMA_DECAY), evaluated and shipped
     in place of the last weights. Its decay warms up as min(decay, (1 + n) / (10 + n)) after n averaged updates, so
     the random initial weights are forgotten within the first updates (a fixed 0.999 would keep 5 % of them after
-    the article's 3,000 updates). Integer buffers (BatchNorm's batch counter) are copied."""
+    the article's 3,000 updates, 0.25 % after the default 6,000). Integer buffers (BatchNorm's batch counter) are
+    copied."""
 
     @torch.no_grad()
     def average(ema: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor) -> None:
