@@ -14,14 +14,10 @@ spread over the style's cluster, not noise that a smoother model would fix.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 
 import numpy as np
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from run_folder import REPO, run_model, run_settings, run_split, test_set
 
 ROW_IMAGES = 12
 
@@ -54,31 +50,18 @@ def main() -> None:
     import matplotlib.pyplot as plt
     import torch
 
-    from job.data import load_mnist, raw_dir
     from job.evaluate import metrics, predict
-    from job.model import build_model
 
-    settings = json.loads((args.run_folder / "report.json").read_text())["settings"]
-    data = load_mnist(
-        raw_dir(args.data_dir),
-        settings["test_split_seed"],
-        settings["label_split_seed"],
-        settings["num_labeled"],
-        settings["num_unlabeled"],
-    )
-    if args.test_set == "seeded_test":
-        images, labels = data.train_images[data.seeded_test], data.train_labels[data.seeded_test].numpy()
-    else:
-        images, labels = data.test_images, data.test_labels.numpy()
+    data = run_split(args.run_folder, args.data_dir)
+    images, labels = test_set(data, args.test_set)
+    labels = labels.numpy()
+    batch_size = run_settings(args.run_folder)["eval_batch_size"]
     labeled_images = data.train_images[data.labeled].numpy()
     labeled_labels = data.train_labels[data.labeled].numpy()
 
     rows, titles = [], []
     for phase in ("baseline", "vat"):
-        saved = torch.load(args.run_folder / phase / "model.pt", map_location="cpu", weights_only=True)
-        model = build_model(saved["hidden_units"])
-        model.load_state_dict(saved["model"])
-        predictions = predict(model, images, settings["eval_batch_size"])
+        predictions = predict(run_model(args.run_folder, phase), images, batch_size)
         scores = metrics(labels, predictions)  # the job's own metrics: the same numbers as report.json
         matrix = np.array(scores["confusion_matrix"])
         confusions = top_confusions(matrix, args.top)
