@@ -52,10 +52,11 @@ def main() -> None:
 
     from job.evaluate import metrics, predict
 
-    data = run_split(args.run_folder, args.data_dir)
+    settings = run_settings(args.run_folder)
+    data = run_split(settings, args.data_dir)
     images, labels = test_set(data, args.test_set)
     labels = labels.numpy()
-    batch_size = run_settings(args.run_folder)["eval_batch_size"]
+    batch_size = settings["eval_batch_size"]
     labeled_images = data.train_images[data.labeled].numpy()
     labeled_labels = data.train_labels[data.labeled].numpy()
 

@@ -21,9 +21,9 @@ def run_settings(run_folder: Path) -> dict[str, Any]:
     return json.loads((run_folder / "report.json").read_text())["settings"]
 
 
-def run_split(run_folder: Path, data_dir: Path) -> MnistSplit:
-    """The run's split, drawn again from its seeds: the same labelled images and test sets it was scored on."""
-    settings = run_settings(run_folder)
+def run_split(settings: dict[str, Any], data_dir: Path) -> MnistSplit:
+    """The split of the run with these settings (report.json's), drawn again from its seeds: the same labelled
+    images and test sets it was scored on."""
     return load_mnist(
         raw_dir(data_dir),
         settings["test_split_seed"],

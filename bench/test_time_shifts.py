@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from run_folder import REPO, run_model, run_settings, run_split, test_set
 
-from job.data import as_float_batch
+from job.evaluate import predict_logits
 
 NEIGHBOURS_4 = ((1, 0), (-1, 0), (0, 1), (0, -1))
 DIAGONALS = ((1, 1), (-1, 1), (1, -1), (-1, -1))
@@ -29,13 +29,8 @@ def shifted(images_uint8: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
     return padded[:, 1 - dy : 1 - dy + height, 1 - dx : 1 - dx + width]
 
 
-@torch.inference_mode()
 def probabilities(model: torch.nn.Module, images_uint8: torch.Tensor, batch_size: int) -> torch.Tensor:
-    chunks = [
-        torch.softmax(model(as_float_batch(images_uint8[i : i + batch_size], channels_last=True)).float(), 1)
-        for i in range(0, len(images_uint8), batch_size)
-    ]
-    return torch.cat(chunks)
+    return torch.softmax(predict_logits(model, images_uint8, batch_size).float(), 1)
 
 
 def main() -> None:
@@ -45,7 +40,7 @@ def main() -> None:
     args = parser.parse_args()
     for folder in args.run_folders:
         settings = run_settings(folder)
-        data = run_split(folder, args.data_dir)
+        data = run_split(settings, args.data_dir)
         model = run_model(folder, "vat")
         batch_size = settings["eval_batch_size"]
         line = {"run": folder.name, "label_split_seed": settings["label_split_seed"]}

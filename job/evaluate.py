@@ -15,13 +15,18 @@ CLASSES = [str(digit) for digit in range(10)]
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, images_uint8: torch.Tensor, batch_size: int) -> np.ndarray:
+def predict_logits(model: nn.Module, images_uint8: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The model's logits for uint8 images, in eval mode, `batch_size` images at a time."""
     model.eval()
     chunks = [
-        model(as_float_batch(images_uint8[i : i + batch_size], channels_last=True)).argmax(1)
+        model(as_float_batch(images_uint8[i : i + batch_size], channels_last=True))
         for i in range(0, len(images_uint8), batch_size)
     ]
-    return torch.cat(chunks).cpu().numpy()
+    return torch.cat(chunks)
+
+
+def predict(model: nn.Module, images_uint8: torch.Tensor, batch_size: int) -> np.ndarray:
+    return predict_logits(model, images_uint8, batch_size).argmax(1).cpu().numpy()
 
 
 def metrics(labels: np.ndarray, predictions: np.ndarray) -> dict[str, Any]:
