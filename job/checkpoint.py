@@ -39,6 +39,7 @@ TRAINING_FIELDS = {
         "lr",
         "lr_decay",
         "translate_px",
+        "rotate_deg",
         "hidden_units",
     ),
     "vat": (
@@ -59,11 +60,13 @@ TRAINING_FIELDS = {
         "vat_weight",
         "entmin_weight",
         "entmin_rampup_steps",
+        "balance_weight",
         "perturbed_bn",
         "dropout_masks",
         "bn_reestimate",
         "ema_decay",
         "translate_px",
+        "rotate_deg",
         "hidden_units",
     ),
 }

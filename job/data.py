@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import shutil
 import tempfile
@@ -212,13 +213,15 @@ def as_float_batch(images_uint8: torch.Tensor, channels_last: bool = False) -> t
 
 
 def training_batch(
-    images_uint8: torch.Tensor, indices: torch.Tensor, batch_size: int, shift_px: int = 0
+    images_uint8: torch.Tensor, indices: torch.Tensor, batch_size: int, shift_px: int = 0, rotate_deg: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A uniform batch of `indices` without replacement (all of them, in order, when the batch is that large), as
-    channels-last floats, each image randomly shifted by up to `shift_px` pixels; returns (images, indices)."""
+    channels-last floats, each image randomly shifted by up to `shift_px` pixels, then turned by up to `rotate_deg`
+    degrees; returns (images, indices)."""
     if batch_size < len(indices):
         indices = indices[torch.rand(len(indices), device=indices.device).topk(batch_size, sorted=False).indices]
-    return as_float_batch(randomly_shifted(images_uint8[indices], shift_px), channels_last=True), indices
+    batch = as_float_batch(randomly_shifted(images_uint8[indices], shift_px), channels_last=True)
+    return randomly_rotated(batch, rotate_deg), indices
 
 
 def randomly_shifted(images_uint8: torch.Tensor, max_px: int) -> torch.Tensor:
@@ -236,3 +239,21 @@ def randomly_shifted(images_uint8: torch.Tensor, max_px: int) -> torch.Tensor:
     cols = offsets[1] + torch.arange(width, device=images_uint8.device)
     batch = torch.arange(n, device=images_uint8.device)[:, None, None]
     return padded[batch, rows[:, :, None], cols[:, None, :]]
+
+
+def randomly_rotated(batch: torch.Tensor, max_deg: float) -> torch.Tensor:
+    """Each image of a float batch [N, 1, H, W] turned about its centre by its own random angle in
+    [-max_deg, max_deg] degrees. Beyond the article (VAT_ROTATE_DEG); drawn on the device like the shifts."""
+    if max_deg == 0:
+        return batch
+    return rotated(batch, (torch.rand(len(batch), device=batch.device) * 2 - 1) * math.radians(max_deg))
+
+
+def rotated(batch: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Image i of a float batch [N, 1, H, W] turned by angles[i] radians (bilinear, zeros fill in; channels-last)."""
+    cos, sin, zero = angles.cos(), angles.sin(), torch.zeros_like(angles)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    grid = torch.nn.functional.affine_grid(theta.to(batch.dtype), list(batch.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(batch, grid, align_corners=False).contiguous(
+        memory_format=torch.channels_last
+    )

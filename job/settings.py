@@ -42,12 +42,16 @@ ARTICLE_PRESET: dict[str, Any] = {
     "bn_reestimate": False,
     "ema_decay": 0.0,
     "translate_px": 0,
+    "rotate_deg": 0.0,
+    "balance_weight": 0.0,
     "hidden_units": 100,
 }
 
 # Settings added after checkpoints and reports were first written; every run before had the article's value, so a
 # record that lacks one is read as that (a checkpoint of the article's width resumes; another width does not).
-IMPLICIT_BEFORE_ADDED: dict[str, Any] = {name: ARTICLE_PRESET[name] for name in ("hidden_units", "epsilon_scaling")}
+IMPLICIT_BEFORE_ADDED: dict[str, Any] = {
+    name: ARTICLE_PRESET[name] for name in ("hidden_units", "epsilon_scaling", "rotate_deg", "balance_weight")
+}
 
 UNKNOWN_SETTING = "unknown setting (a typo?); the settings are listed in .env.example"
 
@@ -112,11 +116,13 @@ class Settings(BaseSettings):
     vat_weight: float = Field(default=1.0, ge=0)
     entmin_weight: float = Field(default=1.0, ge=0)
     entmin_rampup_steps: int = Field(default=1500, ge=0)
+    balance_weight: float = Field(default=0.0, ge=0)
     perturbed_bn: Literal["frozen", "update"] = "frozen"
     dropout_masks: Literal["shared", "independent", "none"] = "shared"
     bn_reestimate: bool = False
     ema_decay: float = Field(default=0.999, ge=0, lt=1)
     translate_px: int = Field(default=1, ge=0, le=8)
+    rotate_deg: float = Field(default=0.0, ge=0, le=45)
     hidden_units: int = Field(default=1024, ge=1, le=8192)
     checkpoint_every: int = Field(default=500, ge=1)
     keep_checkpoints: int = Field(default=2, ge=1)

@@ -37,7 +37,7 @@ from job.data import MnistSplit, as_float_batch, training_batch
 from job.device import GraphedUpdate, autocast, full_precision, host_memory_reused
 from job.model import DROPOUT_P, build_model, running_stats_frozen, weight_average
 from job.stop import Interrupted, StopFlag
-from job.vat import entropy_with_logits, lds_loss
+from job.vat import entropy_with_logits, lds_loss, marginal_entropy_with_logits
 
 LOSS_NAMES = ("cross_entropy", "lds", "entropy")
 
@@ -92,6 +92,9 @@ class Trainer:
         self.graphed = GraphedUpdate() if use_graphs else None
         self.ema = weight_average(self.model, settings.ema_decay) if phase == "vat" and settings.ema_decay else None
 
+    def batch(self, indices: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return training_batch(self.data.train_images, indices, size, self.s.translate_px, self.s.rotate_deg)
+
     @property
     def shipped_model(self) -> nn.Module:
         """The model that is evaluated and saved as model.pt: the weight average when there is one."""
@@ -101,7 +104,7 @@ class Trainer:
 
     def _labeled_loss(self) -> torch.Tensor:
         s = self.s
-        x, idx = training_batch(self.data.train_images, self.data.labeled, s.labeled_batch_size, s.translate_px)
+        x, idx = self.batch(self.data.labeled, s.labeled_batch_size)
         with autocast(self.device, s.amp):
             logits = self.model(x)
         return F.cross_entropy(logits.float(), self.data.train_labels[idx])
@@ -119,7 +122,7 @@ class Trainer:
         # waits in memory while the next one is built (lower peak memory, BENCHMARKS.md).
         ce = self._labeled_loss()
         self._backward(ce)
-        xu, _ = training_batch(self.data.train_images, self.data.unlabeled, s.unlabeled_batch_size, s.translate_px)
+        xu, _ = self.batch(self.data.unlabeled, s.unlabeled_batch_size)
         mask = None  # "independent": each pass draws its own, as nn.Dropout would
         if s.dropout_masks != "independent":
             mask = model.dropout_mask(len(xu), xu, p=0.0 if s.dropout_masks == "none" else DROPOUT_P)
@@ -132,13 +135,12 @@ class Trainer:
             with full_precision(self.device):
                 return model(z, mask)
 
-        with full_precision(self.device), torch.set_grad_enabled(s.entmin_weight > 0):
+        with full_precision(self.device), torch.set_grad_enabled(s.entmin_weight > 0 or s.balance_weight > 0):
             clean_logits = model(xu, mask)
-        if s.entmin_weight > 0:
+        entropy = torch.zeros((), device=self.device)
+        if clean_logits.requires_grad:
             entropy = entropy_with_logits(clean_logits)
-            self._backward(self.entmin_scale * entropy)
-        else:
-            entropy = torch.zeros((), device=self.device)
+            self._backward(self.entmin_scale * entropy - s.balance_weight * marginal_entropy_with_logits(clean_logits))
         with running_stats_frozen(model, s.perturbed_bn == "frozen"):
             lds = lds_loss(
                 forward,
@@ -307,9 +309,8 @@ def reestimate_batchnorm(model: nn.Module, data: MnistSplit, batch_size: int) ->
     """Replace BatchNorm's running statistics (an exponential average over the last updates, which mixed
     labelled and unlabelled batches) by their average over all clean unlabelled images under the final weights."""
     images = data.train_images[data.unlabeled]
-    batches = (
-        as_float_batch(images[i : i + batch_size], channels_last=True) for i in range(0, len(images), batch_size)
-    )
+    starts = range(0, len(images), batch_size)
+    batches = (as_float_batch(images[i : i + batch_size], channels_last=True) for i in starts)
     torch.optim.swa_utils.update_bn(batches, model)
 
 

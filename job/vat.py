@@ -29,6 +29,13 @@ def entropy_with_logits(logits: torch.Tensor) -> torch.Tensor:
     return -(log_p.exp() * log_p).sum(dim=1).mean()
 
 
+def marginal_entropy_with_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the batch's mean prediction: maximised, it keeps the classes balanced (IMSAT's H(Y); with
+    EntMin's H(Y|X) minimised, the two make the mutual information between images and classes)."""
+    mean_p = F.softmax(logits.float(), dim=1).mean(dim=0)
+    return -(mean_p * mean_p.clamp_min(1e-12).log()).sum()
+
+
 def l2_normalize(d: torch.Tensor) -> torch.Tensor:
     """Scale every example of `d` to unit L2 norm (dividing by the max first keeps tiny gradients finite)."""
     flat = d.flatten(1)

@@ -57,7 +57,13 @@ def test_same_seed_same_result_and_another_seed_differs(mnist_split, tmp_path):
 
 @pytest.mark.parametrize(
     "phase, options",
-    [("baseline", {}), ("vat", {}), ("vat", {"ema_decay": 0.9, "translate_px": 2}), ("baseline", {"translate_px": 2})],
+    [
+        ("baseline", {}),
+        ("vat", {}),
+        ("vat", {"ema_decay": 0.9, "translate_px": 2}),
+        ("baseline", {"translate_px": 2}),
+        ("vat", {"rotate_deg": 15.0, "balance_weight": 0.5}),
+    ],
 )
 def test_interrupted_and_resumed_equals_uninterrupted(mnist_split, tmp_path, phase, options):
     s = small_settings(checkpoint_every=100, **options)
@@ -271,6 +277,42 @@ def test_shifted_images_are_the_same_digits_moved_by_at_most_the_limit(mnist_spl
         assert found, "not a pure translation within 2 pixels"
         moved += (2, 2) not in found
     assert moved > 35  # 24 of 25 shifts move the image
+
+
+def test_rotated_images_are_the_same_digits_turned_about_their_centre(mnist_split):
+    from job.data import as_float_batch, randomly_rotated, rotated
+
+    batch = as_float_batch(mnist_split.train_images[mnist_split.labeled[:20]], channels_last=True)
+    assert randomly_rotated(batch, 0) is batch
+    quarter = torch.full((20,), torch.pi / 2)
+    # A quarter turn maps the pixel grid onto itself: it must be rot90 exactly (up to rounding), not a resampling.
+    torch.testing.assert_close(rotated(batch, quarter), torch.rot90(batch, k=1, dims=(2, 3)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(rotated(batch, torch.zeros(20)), batch, atol=1e-5, rtol=0)
+    torch.manual_seed(0)
+    turned = randomly_rotated(batch, 10.0)
+    assert turned.shape == batch.shape and turned.is_contiguous(memory_format=torch.channels_last)
+    ink, turned_ink = batch.sum(dim=(1, 2, 3)), turned.sum(dim=(1, 2, 3))
+    torch.testing.assert_close(turned_ink, ink, rtol=0.03, atol=0)  # bilinear resampling keeps the ink
+    change = (turned - batch).abs().sum(dim=(1, 2, 3)) / ink
+    assert (change > 0.01).sum() >= 18 and (change < 0.9).all()  # nearly all moved, none beyond recognition
+
+
+def test_the_balance_term_pulls_a_lopsided_batch_toward_equal_classes():
+    from job.vat import entropy_with_logits, marginal_entropy_with_logits
+
+    uniform_mean = torch.eye(10).repeat(3, 1) * 30  # confident, and every class equally often
+    torch.testing.assert_close(marginal_entropy_with_logits(uniform_mean), torch.log(torch.tensor(10.0)))
+    assert entropy_with_logits(uniform_mean) < 1e-6  # EntMin alone cannot tell the two batches apart
+    lopsided = torch.zeros(30, 10)
+    lopsided[:, 3] = 30.0
+    assert marginal_entropy_with_logits(lopsided) < 1e-3
+    logits = torch.randn(64, 10)
+    logits[:, 3] += 4.0  # most of the batch says "3"
+    logits.requires_grad_()
+    marginal_entropy_with_logits(logits).backward()
+    with torch.no_grad():
+        shares = torch.softmax(logits + 0.5 * logits.grad, dim=1).mean(dim=0)  # a step that maximises it
+    assert shares[3] < torch.softmax(logits, dim=1).mean(dim=0)[3]
 
 
 def test_weight_average_starts_at_the_weights_and_follows_them_with_the_warm_up_decay():
