@@ -250,10 +250,16 @@ def randomly_rotated(batch: torch.Tensor, max_deg: float) -> torch.Tensor:
 
 
 def rotated(batch: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Image i of a float batch [N, 1, H, W] turned by angles[i] radians (bilinear, zeros fill in; channels-last)."""
-    cos, sin, zero = angles.cos(), angles.sin(), torch.zeros_like(angles)
-    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
-    grid = torch.nn.functional.affine_grid(theta.to(batch.dtype), list(batch.shape), align_corners=False)
-    return torch.nn.functional.grid_sample(batch, grid, align_corners=False).contiguous(
-        memory_format=torch.channels_last
-    )
+    """Image i of a float batch of square images [N, 1, S, S] turned by angles[i] radians about its centre (bilinear,
+    zeros fill in; channels-last). The sampling grid is built elementwise, not by affine_grid's matmul, which TF32
+    would round on a GPU (angle 0 would not be the identity there)."""
+    n, _, size, width = batch.shape
+    if size != width:
+        raise ValueError(f"rotated() needs square images, got {size}x{width}")
+    # Pixel centres in [-1, 1] (align_corners=False); the output pixel (x, y) samples the input at R(angle) (x, y).
+    coords = (torch.arange(size, device=batch.device, dtype=batch.dtype) * 2 + 1) / size - 1
+    x, y = coords.view(1, 1, size), coords.view(1, size, 1)
+    cos, sin = angles.to(batch.dtype).cos().view(n, 1, 1), angles.to(batch.dtype).sin().view(n, 1, 1)
+    grid = torch.stack([cos * x - sin * y, sin * x + cos * y], dim=3)
+    sampled = torch.nn.functional.grid_sample(batch, grid, align_corners=False)
+    return sampled.contiguous(memory_format=torch.channels_last)

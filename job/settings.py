@@ -67,6 +67,7 @@ class Settings(BaseSettings):
         env_file_encoding="utf-8",
         extra="ignore",  # .env may hold other variables (AWS_*...); unknown VAT_* names are refused below
         validate_default=True,
+        allow_inf_nan=False,  # VAT_BALANCE_WEIGHT=inf would train to NaN weights; no setting needs infinity
     )
 
     # Where things are.

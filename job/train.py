@@ -111,10 +111,9 @@ class Trainer:
 
     def baseline_losses(self) -> torch.Tensor:
         ce = self._labeled_loss()
-        zero = torch.zeros((), device=self.device)
         self._backward(ce)
         self._step()
-        return torch.stack([ce.detach(), zero, zero])
+        return torch.cat([ce.detach().view(1), ce.new_zeros(2)])
 
     def vat_losses(self) -> torch.Tensor:
         s, model = self.s, self.model
@@ -140,7 +139,8 @@ class Trainer:
         entropy = torch.zeros((), device=self.device)
         if clean_logits.requires_grad:
             entropy = entropy_with_logits(clean_logits)
-            self._backward(self.entmin_scale * entropy - s.balance_weight * marginal_entropy_with_logits(clean_logits))
+            balance = s.balance_weight * marginal_entropy_with_logits(clean_logits) if s.balance_weight else 0.0
+            self._backward(self.entmin_scale * entropy - balance)
         with running_stats_frozen(model, s.perturbed_bn == "frozen"):
             lds = lds_loss(
                 forward,

@@ -62,6 +62,8 @@ def test_run_id_is_generated_unique():
         ("VAT_EPSILON", "-1", "greater than 0"),
         ("VAT_DEVICE", "tpu", "'auto', 'cpu' or 'cuda'"),
         ("VAT_TRAIN_STEPS", "12.5", "integer"),
+        ("VAT_BALANCE_WEIGHT", "inf", "finite number"),
+        ("VAT_ROTATE_DEG", "60", "less than or equal to 45"),
         ("VAT_AMP", "fp8", "'off', 'bf16' or 'fp16'"),
         ("VAT_RUN_ID", "../etc", "letters, digits"),
         ("VAT_RUN_ID", "abc\n", "letters, digits"),

@@ -138,8 +138,11 @@ def test_checkpoints_from_before_hidden_units_existed_are_the_articles_width_and
     run_phase("baseline", article_width, mnist_split, tmp_path)
     for path in tmp_path.glob("checkpoint-*.pt"):
         state = load_checkpoint(path)
-        del state["settings"]["hidden_units"]  # as written before the setting existed
+        for added_later in ("hidden_units", "rotate_deg"):  # as written before these settings existed
+            del state["settings"][added_later]
         save_checkpoint(path, state)
+    with pytest.raises(ResumeMismatch, match="VAT_ROTATE_DEG was 0.0, now 10.0"):
+        run_phase("baseline", small_settings(hidden_units=100, rotate_deg=10), mnist_split, tmp_path)
     with pytest.raises(ResumeMismatch, match="VAT_HIDDEN_UNITS was 100, now 24"):
         run_phase("baseline", small_settings(hidden_units=24), mnist_split, tmp_path)
     with pytest.raises(ResumeMismatch, match="VAT_HIDDEN_UNITS was 100, now 1024"):  # not silently the new default
