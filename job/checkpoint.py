@@ -40,6 +40,7 @@ TRAINING_FIELDS = {
         "lr_decay",
         "translate_px",
         "rotate_deg",
+        "elastic_px",
         "hidden_units",
     ),
     "vat": (
@@ -67,6 +68,7 @@ TRAINING_FIELDS = {
         "ema_decay",
         "translate_px",
         "rotate_deg",
+        "elastic_px",
         "hidden_units",
     ),
 }

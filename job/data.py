@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
+from torch.nn import functional as F
 
 from job.layout import sha256_of
 
@@ -213,15 +214,20 @@ def as_float_batch(images_uint8: torch.Tensor, channels_last: bool = False) -> t
 
 
 def training_batch(
-    images_uint8: torch.Tensor, indices: torch.Tensor, batch_size: int, shift_px: int = 0, rotate_deg: float = 0.0
+    images_uint8: torch.Tensor,
+    indices: torch.Tensor,
+    batch_size: int,
+    shift_px: int = 0,
+    rotate_deg: float = 0.0,
+    elastic_px: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A uniform batch of `indices` without replacement (all of them, in order, when the batch is that large), as
     channels-last floats, each image randomly shifted by up to `shift_px` pixels, then turned by up to `rotate_deg`
-    degrees; returns (images, indices)."""
+    degrees and elastically distorted by `elastic_px` pixels (`randomly_deformed`); returns (images, indices)."""
     if batch_size < len(indices):
         indices = indices[torch.rand(len(indices), device=indices.device).topk(batch_size, sorted=False).indices]
     batch = as_float_batch(randomly_shifted(images_uint8[indices], shift_px), channels_last=True)
-    return randomly_rotated(batch, rotate_deg), indices
+    return randomly_deformed(batch, rotate_deg, elastic_px), indices
 
 
 def randomly_shifted(images_uint8: torch.Tensor, max_px: int) -> torch.Tensor:
@@ -233,7 +239,7 @@ def randomly_shifted(images_uint8: torch.Tensor, max_px: int) -> torch.Tensor:
     if max_px == 0:
         return images_uint8
     n, height, width = images_uint8.shape
-    padded = torch.nn.functional.pad(images_uint8, (max_px, max_px, max_px, max_px))
+    padded = F.pad(images_uint8, (max_px, max_px, max_px, max_px))
     offsets = torch.randint(0, 2 * max_px + 1, (2, n, 1), device=images_uint8.device)
     rows = offsets[0] + torch.arange(height, device=images_uint8.device)
     cols = offsets[1] + torch.arange(width, device=images_uint8.device)
@@ -241,25 +247,52 @@ def randomly_shifted(images_uint8: torch.Tensor, max_px: int) -> torch.Tensor:
     return padded[batch, rows[:, :, None], cols[:, None, :]]
 
 
-def randomly_rotated(batch: torch.Tensor, max_deg: float) -> torch.Tensor:
-    """Each image of a float batch [N, 1, H, W] turned about its centre by its own random angle in
-    [-max_deg, max_deg] degrees. Beyond the article (VAT_ROTATE_DEG); drawn on the device like the shifts."""
-    if max_deg == 0:
+ELASTIC_SMOOTHING_PX = 4.0  # Simard et al. (2003): the displacement field is white noise blurred with this sigma
+
+
+def randomly_deformed(batch: torch.Tensor, max_deg: float, elastic_px: float) -> torch.Tensor:
+    """Each image of a float batch [N, 1, S, S] turned about its centre by its own random angle in [-max_deg, max_deg]
+    degrees (VAT_ROTATE_DEG), and displaced along a smooth random field whose two components have a standard
+    deviation of `elastic_px` pixels at every pixel (Simard et al.'s elastic distortion, VAT_ELASTIC_PX: strokes
+    bend, loops open or close, as another hand would write them). Beyond the article; drawn on the device like the
+    shifts; with both at 0 the batch is returned as it is and nothing is drawn."""
+    if max_deg == 0 and elastic_px == 0:
         return batch
-    return rotated(batch, (torch.rand(len(batch), device=batch.device) * 2 - 1) * math.radians(max_deg))
+    n, size = len(batch), batch.shape[-1]
+    angles = torch.zeros(n, device=batch.device)
+    if max_deg:
+        angles = (torch.rand(n, device=batch.device) * 2 - 1) * math.radians(max_deg)
+    displacement = None
+    if elastic_px:
+        displacement = smooth_noise(n, size, ELASTIC_SMOOTHING_PX, batch.device) * (elastic_px * 2 / size)
+    return warped(batch, angles, displacement)
 
 
-def rotated(batch: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """Image i of a float batch of square images [N, 1, S, S] turned by angles[i] radians about its centre (bilinear,
-    zeros fill in; channels-last). The sampling grid is built elementwise, not by affine_grid's matmul, which TF32
-    would round on a GPU (angle 0 would not be the identity there)."""
+def smooth_noise(n: int, size: int, sigma_px: float, device: torch.device) -> torch.Tensor:
+    """[n, size, size, 2] Gaussian white noise blurred by a Gaussian of `sigma_px`, rescaled to unit variance."""
+    radius = math.ceil(3 * sigma_px)
+    taps = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (taps / sigma_px) ** 2)
+    kernel = kernel / kernel.norm()  # unit L2 norm along each axis: blurred unit-variance noise keeps variance 1
+    noise = torch.randn(2 * n, 1, size + 2 * radius, size + 2 * radius, device=device)
+    blurred = F.conv2d(F.conv2d(noise, kernel.view(1, 1, -1, 1)), kernel.view(1, 1, 1, -1))
+    return blurred.view(n, 2, size, size).permute(0, 2, 3, 1)
+
+
+def warped(batch: torch.Tensor, angles: torch.Tensor, displacement: torch.Tensor | None = None) -> torch.Tensor:
+    """Image i of a float batch of square images [N, 1, S, S] turned by angles[i] radians about its centre, then
+    displaced by `displacement` ([N, S, S, 2], in grid_sample's [-1, 1] units); bilinear, zeros fill in,
+    channels-last. The sampling grid is built elementwise, not by affine_grid's matmul, which TF32 would round on
+    a GPU (angle 0 would not be the identity there)."""
     n, _, size, width = batch.shape
     if size != width:
-        raise ValueError(f"rotated() needs square images, got {size}x{width}")
+        raise ValueError(f"warped() needs square images, got {size}x{width}")
     # Pixel centres in [-1, 1] (align_corners=False); the output pixel (x, y) samples the input at R(angle) (x, y).
     coords = (torch.arange(size, device=batch.device, dtype=batch.dtype) * 2 + 1) / size - 1
     x, y = coords.view(1, 1, size), coords.view(1, size, 1)
     cos, sin = angles.to(batch.dtype).cos().view(n, 1, 1), angles.to(batch.dtype).sin().view(n, 1, 1)
     grid = torch.stack([cos * x - sin * y, sin * x + cos * y], dim=3)
-    sampled = torch.nn.functional.grid_sample(batch, grid, align_corners=False)
+    if displacement is not None:
+        grid = grid + displacement.to(batch.dtype)
+    sampled = F.grid_sample(batch, grid, align_corners=False)
     return sampled.contiguous(memory_format=torch.channels_last)

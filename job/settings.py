@@ -43,6 +43,7 @@ ARTICLE_PRESET: dict[str, Any] = {
     "ema_decay": 0.0,
     "translate_px": 0,
     "rotate_deg": 0.0,
+    "elastic_px": 0.0,
     "balance_weight": 0.0,
     "hidden_units": 100,
 }
@@ -50,7 +51,8 @@ ARTICLE_PRESET: dict[str, Any] = {
 # Settings added after checkpoints and reports were first written; every run before had the article's value, so a
 # record that lacks one is read as that (a checkpoint of the article's width resumes; another width does not).
 IMPLICIT_BEFORE_ADDED: dict[str, Any] = {
-    name: ARTICLE_PRESET[name] for name in ("hidden_units", "epsilon_scaling", "rotate_deg", "balance_weight")
+    name: ARTICLE_PRESET[name]
+    for name in ("hidden_units", "epsilon_scaling", "rotate_deg", "elastic_px", "balance_weight")
 }
 
 UNKNOWN_SETTING = "unknown setting (a typo?); the settings are listed in .env.example"
@@ -124,6 +126,7 @@ class Settings(BaseSettings):
     ema_decay: float = Field(default=0.999, ge=0, lt=1)
     translate_px: int = Field(default=1, ge=0, le=8)
     rotate_deg: float = Field(default=0.0, ge=0, le=45)
+    elastic_px: float = Field(default=0.0, ge=0, le=8)
     hidden_units: int = Field(default=1024, ge=1, le=8192)
     checkpoint_every: int = Field(default=500, ge=1)
     keep_checkpoints: int = Field(default=2, ge=1)

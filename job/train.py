@@ -93,7 +93,8 @@ class Trainer:
         self.ema = weight_average(self.model, settings.ema_decay) if phase == "vat" and settings.ema_decay else None
 
     def batch(self, indices: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return training_batch(self.data.train_images, indices, size, self.s.translate_px, self.s.rotate_deg)
+        s = self.s
+        return training_batch(self.data.train_images, indices, size, s.translate_px, s.rotate_deg, s.elastic_px)
 
     @property
     def shipped_model(self) -> nn.Module:
@@ -103,9 +104,8 @@ class Trainer:
     # --- the two updates -------------------------------------------------------------------------
 
     def _labeled_loss(self) -> torch.Tensor:
-        s = self.s
-        x, idx = self.batch(self.data.labeled, s.labeled_batch_size)
-        with autocast(self.device, s.amp):
+        x, idx = self.batch(self.data.labeled, self.s.labeled_batch_size)
+        with autocast(self.device, self.s.amp):
             logits = self.model(x)
         return F.cross_entropy(logits.float(), self.data.train_labels[idx])
 

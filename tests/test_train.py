@@ -62,7 +62,7 @@ def test_same_seed_same_result_and_another_seed_differs(mnist_split, tmp_path):
         ("vat", {}),
         ("vat", {"ema_decay": 0.9, "translate_px": 2}),
         ("baseline", {"translate_px": 2}),
-        ("vat", {"rotate_deg": 15.0, "balance_weight": 0.5}),
+        ("vat", {"rotate_deg": 15.0, "elastic_px": 1.0, "balance_weight": 0.5}),
     ],
 )
 def test_interrupted_and_resumed_equals_uninterrupted(mnist_split, tmp_path, phase, options):
@@ -283,21 +283,43 @@ def test_shifted_images_are_the_same_digits_moved_by_at_most_the_limit(mnist_spl
 
 
 def test_rotated_images_are_the_same_digits_turned_about_their_centre(mnist_split):
-    from job.data import as_float_batch, randomly_rotated, rotated
+    from job.data import as_float_batch, randomly_deformed, warped
 
     batch = as_float_batch(mnist_split.train_images[mnist_split.labeled[:20]], channels_last=True)
-    assert randomly_rotated(batch, 0) is batch
+    assert randomly_deformed(batch, 0, 0) is batch
     quarter = torch.full((20,), torch.pi / 2)
     # A quarter turn maps the pixel grid onto itself: it must be rot90 exactly (up to rounding), not a resampling.
-    torch.testing.assert_close(rotated(batch, quarter), torch.rot90(batch, k=1, dims=(2, 3)), atol=1e-5, rtol=0)
-    torch.testing.assert_close(rotated(batch, torch.zeros(20)), batch, atol=1e-5, rtol=0)
+    torch.testing.assert_close(warped(batch, quarter), torch.rot90(batch, k=1, dims=(2, 3)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(warped(batch, torch.zeros(20)), batch, atol=1e-5, rtol=0)
     torch.manual_seed(0)
-    turned = randomly_rotated(batch, 10.0)
+    turned = randomly_deformed(batch, 10.0, 0)
     assert turned.shape == batch.shape and turned.is_contiguous(memory_format=torch.channels_last)
     ink, turned_ink = batch.sum(dim=(1, 2, 3)), turned.sum(dim=(1, 2, 3))
     torch.testing.assert_close(turned_ink, ink, rtol=0.03, atol=0)  # bilinear resampling keeps the ink
     change = (turned - batch).abs().sum(dim=(1, 2, 3)) / ink
     assert (change > 0.01).sum() >= 18 and (change < 0.9).all()  # nearly all moved, none beyond recognition
+
+
+def test_elastic_displacements_have_the_set_size_and_are_smooth_and_distort_each_image_its_own_way(mnist_split):
+    from job.data import ELASTIC_SMOOTHING_PX, as_float_batch, randomly_deformed, smooth_noise, warped
+
+    torch.manual_seed(0)
+    field = smooth_noise(400, 28, ELASTIC_SMOOTHING_PX, CPU)
+    assert field.shape == (400, 28, 28, 2)
+    assert abs(field.std().item() - 1.0) < 0.05  # unit standard deviation at every pixel, so VAT_ELASTIC_PX is pixels
+    neighbours = torch.corrcoef(torch.stack([field[:, :-1].flatten(), field[:, 1:].flatten()]))[0, 1]
+    assert neighbours > 0.9  # smooth: a rubber-sheet warp, not pixel noise
+
+    batch = as_float_batch(mnist_split.train_images[mnist_split.labeled[:20]], channels_last=True)
+    # A uniform displacement of one pixel's width (2/28 in grid units) to the right samples from the right: a shift.
+    shift = torch.zeros(20, 28, 28, 2)
+    shift[..., 0] = 2 / 28
+    torch.testing.assert_close(warped(batch, torch.zeros(20), shift)[..., :-1], batch[..., 1:], atol=1e-5, rtol=0)
+    distorted = randomly_deformed(batch, 0, 1.0)
+    ink = batch.sum(dim=(1, 2, 3))
+    torch.testing.assert_close(distorted.sum(dim=(1, 2, 3)), ink, rtol=0.35, atol=0)  # strokes stretch, not vanish
+    change = (distorted - batch).abs().sum(dim=(1, 2, 3)) / ink
+    assert (change > 0.05).all() and change.std() > 0.02  # every image distorted, each by its own field
 
 
 def test_the_balance_term_pulls_a_lopsided_batch_toward_equal_classes():
