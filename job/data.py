@@ -290,7 +290,8 @@ def warped(batch: torch.Tensor, angles: torch.Tensor, displacement: torch.Tensor
     # Pixel centres in [-1, 1] (align_corners=False); the output pixel (x, y) samples the input at R(angle) (x, y).
     coords = (torch.arange(size, device=batch.device, dtype=batch.dtype) * 2 + 1) / size - 1
     x, y = coords.view(1, 1, size), coords.view(1, size, 1)
-    cos, sin = angles.to(batch.dtype).cos().view(n, 1, 1), angles.to(batch.dtype).sin().view(n, 1, 1)
+    angles = angles.to(batch.dtype).view(n, 1, 1)
+    cos, sin = angles.cos(), angles.sin()
     grid = torch.stack([cos * x - sin * y, sin * x + cos * y], dim=3)
     if displacement is not None:
         grid = grid + displacement.to(batch.dtype)
