@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from job import logs
+from job.layout import unwritable
 from job.settings import ConfigError, load_settings
 
 EXIT_OK = 0
@@ -161,13 +161,11 @@ def output_dir_problem(folder: Path) -> str | None:
     Checked before torch is even loaded. The usual cause is a container: `docker run -v "$PWD/runs:/output"`
     makes a missing host folder owned by root, and the image's user (10001) cannot write to a root-owned one.
     """
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
-    except OSError as error:
+    why = unwritable(folder)
+    if why:
         return (
             f"VAT_OUTPUT_DIR={folder} is not writable by this process (uid {os.getuid()}, gid {os.getgid()}): "
-            f"{error.strerror or error}; make it writable by that user, or with docker run create the host folder "
+            f"{why}; make it writable by that user, or with docker run create the host folder "
             f'first (mkdir -p runs) and pass --user "$(id -u):$(id -g)"'
         )
     return None

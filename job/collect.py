@@ -21,14 +21,16 @@ import json
 import statistics
 import sys
 from collections.abc import Sequence
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
-from job.layout import MANIFEST, NO_SPACE, REPORT
+from job.layout import MANIFEST, NO_SPACE, REPORT, DiskFull, unwritable
 from job.runid import RUN_ID_PATTERN
 from job.settings import IMPLICIT_BEFORE_ADDED, ConfigError, load_settings
 from job.storage import RunStore, StorageError, client_from_settings, list_run_ids
-from job.verify import download_run, fetch_json_or_problem, manifest_problems
+from job.untrusted import Manifest, Report, Untrusted, mask, path_inside
+from job.verify import download_run, fetch_document_or_problem, manifest_problems
 
 METRICS = [
     (m, t, k) for m in ("baseline", "vat") for t in ("seeded_test", "mnist_test") for k in ("accuracy", "macro_f1")
@@ -68,8 +70,9 @@ def metric_name(model: str, test_set: str, metric: str) -> str:
 
 
 def read_runs(store_for: Any, run_ids: Sequence[str]) -> list[dict[str, Any]]:
-    """One row per run; a run whose report or manifest is unreadable or inconsistent is "damaged", with the
-    reason in `problem`, and the other runs are listed as usual."""
+    """One row per run; a run whose report or manifest is unreadable, of the wrong shape or inconsistent is
+    "damaged", with the reason in `problem`, and the other runs are listed as usual. Both documents pass their
+    schema (job.untrusted) before any field of theirs is used."""
     rows = []
     for run_id in run_ids:
         store: RunStore = store_for(run_id)
@@ -77,25 +80,33 @@ def read_runs(store_for: Any, run_ids: Sequence[str]) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"run_id": run_id, "status": "incomplete", "objects": len(objects)}
         problems = []
         if MANIFEST in objects:
-            manifest, problem = fetch_json_or_problem(store, MANIFEST)
-            problems += [problem] if problem else manifest_problems(manifest, run_id, objects)
+            manifest, problem = fetch_document_or_problem(store, MANIFEST, Manifest)
+            problems += [problem] if manifest is None else manifest_problems(manifest, run_id, objects)
         if REPORT in objects:
-            report, problem = fetch_json_or_problem(store, REPORT)
-            if problem:
+            report, problem = fetch_document_or_problem(store, REPORT, Report)
+            if report is None:
                 problems.append(problem)
             else:
-                row["created_at"] = report.get("created_at")
-                row["settings"] = {**IMPLICIT_BEFORE_ADDED, **report.get("settings", {})}
-                row["group"] = report.get("group") or row["settings"].get("run_group") or NO_GROUP
-                for model, test_set, metric in METRICS:
-                    value = report.get("models", {}).get(model, {}).get(test_set, {}).get(metric)
-                    row[metric_name(model, test_set, metric)] = value
+                row.update(report_row(report))
         if problems:
             row["status"], row["problem"] = "damaged", "; ".join(problems)
         elif MANIFEST in objects:
             row["status"] = "complete"
         rows.append(row)
     return sort_by_time(rows)
+
+
+def report_row(report: Report) -> dict[str, Any]:
+    """The columns a validated report gives its run's row."""
+    settings = {**IMPLICIT_BEFORE_ADDED, **report.settings}
+    row: dict[str, Any] = {
+        "created_at": report.created_at.astimezone(UTC).isoformat(),
+        "settings": settings,
+        "group": report.group or settings.get("run_group") or NO_GROUP,
+    }
+    for model, test_set, metric in METRICS:
+        row[metric_name(model, test_set, metric)] = getattr(getattr(getattr(report.models, model), test_set), metric)
+    return row
 
 
 def sort_by_time(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -201,6 +212,11 @@ def render_csv(rows: list[dict[str, Any]]) -> str:
     return out.getvalue()
 
 
+def emit(*parts: Any, file: Any = None, end: str = "\n") -> None:
+    """print, through the masking function: a report or key read from the bucket may quote a planted secret."""
+    print(mask(" ".join(str(p) for p in parts)), file=file or sys.stdout, end=end)
+
+
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="vat-job collect", description=__doc__.splitlines()[0])
     parser.add_argument("--format", choices=("table", "json", "csv"), default="table")
@@ -221,72 +237,96 @@ def main(argv: Sequence[str]) -> int:
         if not settings.s3_bucket:
             raise ConfigError("VAT_S3_BUCKET is not set: collect reads runs from the bucket")
     except ConfigError as error:
-        print(f"vat-job collect: {error}", file=sys.stderr)
+        emit(f"vat-job collect: {error}", file=sys.stderr)
         return 2
+    try:
+        return _collect(args, settings)
+    except StorageError as error:
+        emit(f"vat-job collect: {error}", file=sys.stderr)
+        return 4
+    except Untrusted as error:  # a pointer or document from the bucket that fails its schema
+        emit(f"vat-job collect: {error}", file=sys.stderr)
+        return 8
+    except DiskFull as error:
+        emit(f"vat-job collect: {error}", file=sys.stderr)
+        return 9
+    except OSError as error:  # the destination folder cannot be written
+        emit(f"vat-job collect: {error.strerror or error}: {error.filename}", file=sys.stderr)
+        return 9 if error.errno in NO_SPACE else 2
+    except Exception as error:  # a bug: one masked line, not a traceback that may quote a planted secret
+        emit(f"vat-job collect: internal error ({type(error).__name__}: {error})", file=sys.stderr)
+        return 1
+
+
+def _collect(args: argparse.Namespace, settings: Any) -> int:
     client = client_from_settings(settings)
 
     def store_for(run_id: str) -> RunStore:
         return RunStore(client, settings.s3_bucket, settings.s3_prefix, run_id)
 
-    try:
-        if args.promoted:
-            from job.promote import PromotionSlot, fetch_promoted
+    for folder in (args.promoted, args.download):
+        if folder is not None and (why := unwritable(folder)):
+            emit(f"vat-job collect: cannot write to {folder}: {why}", file=sys.stderr)
+            return 2
+    if args.promoted:
+        from job.promote import PromotionSlot, fetch_promoted
 
-            slot = PromotionSlot(client, settings.s3_bucket, settings.s3_prefix, settings.promote_to or "latest")
-            pointer = fetch_promoted(slot, args.promoted)
-            print(f"promoted run {pointer['run_id']} (accuracy {pointer['accuracy']:.4f}) in {args.promoted}")
-            return 0
-        if args.download:
-            if not args.run:
-                print("vat-job collect: --download needs --run RUN_ID", file=sys.stderr)
-                return 2
-            if not RUN_ID_PATTERN.fullmatch(args.run):
-                print(f"vat-job collect: --run {args.run!r} is not a run id", file=sys.stderr)
-                return 2
-            store = store_for(args.run)
-            if not store.remote_objects():
-                print(f"vat-job collect: no run {args.run!r} in the bucket", file=sys.stderr)
-                return 2
-            fetched, problems = download_run(store, args.download / args.run)
-            print(f"{len(fetched)} files of run {args.run} in {args.download / args.run}")
-            for problem in problems:
-                print(f"vat-job collect: {args.run}: {problem}", file=sys.stderr)
-            return 8 if problems else 0
-        run_ids = [args.run] if args.run else list_run_ids(client, settings.s3_bucket, settings.s3_prefix)
-        rows = read_runs(store_for, run_ids)
-        for row in rows:
-            if "problem" in row:
-                print(f"vat-job collect: run {row['run_id']} is damaged: {row['problem']}", file=sys.stderr)
-    except StorageError as error:
-        print(f"vat-job collect: {error}", file=sys.stderr)
-        return 4
-    except OSError as error:  # the download folder cannot be written
-        print(f"vat-job collect: {error.strerror or error}: {error.filename}", file=sys.stderr)
-        return 9 if error.errno in NO_SPACE else 2
+        slot = PromotionSlot(client, settings.s3_bucket, settings.s3_prefix, settings.promote_to or "latest")
+        pointer = fetch_promoted(slot, args.promoted)
+        emit(f"promoted run {pointer.run_id} (accuracy {pointer.accuracy:.4f}) in {args.promoted}")
+        return 0
+    if args.download:
+        if not args.run:
+            emit("vat-job collect: --download needs --run RUN_ID", file=sys.stderr)
+            return 2
+        if not RUN_ID_PATTERN.fullmatch(args.run):
+            emit(f"vat-job collect: --run {args.run!r} is not a run id", file=sys.stderr)
+            return 2
+        store = store_for(args.run)
+        if not store.remote_objects():
+            emit(f"vat-job collect: no run {args.run!r} in the bucket", file=sys.stderr)
+            return 2
+        fetched, problems, notes = download_run(store, args.download / args.run)
+        emit(f"{len(fetched)} files of run {args.run} in {args.download / args.run}")
+        for note in notes:
+            emit(f"vat-job collect: {args.run}: warning: {note} (skipped)", file=sys.stderr)
+        for problem in problems:
+            emit(f"vat-job collect: {args.run}: {problem}", file=sys.stderr)
+        return 8 if problems else 0
+    run_ids = [args.run] if args.run else list_run_ids(client, settings.s3_bucket, settings.s3_prefix)
+    rows = read_runs(store_for, run_ids)
+    for row in rows:
+        if "problem" in row:
+            emit(f"vat-job collect: run {row['run_id']} is damaged: {row['problem']}", file=sys.stderr)
     if args.group:
         rows = only_group(rows, args.group)
     if args.trend:
         names = sorted({row["group"] for row in rows if "group" in row})
         if len(names) != 1:
             listed = ", ".join(names) or "none"
-            print(f"vat-job collect: --trend needs --group (groups here: {listed})", file=sys.stderr)
+            emit(f"vat-job collect: --trend needs --group (groups here: {listed})", file=sys.stderr)
             return 2
         from job import trend as trends
 
         trend = trends.trend_rows(rows, configuration)
         if args.format == "json":
-            print(json.dumps({"group": names[0], "runs": trend}, indent=2))
+            emit(json.dumps({"group": names[0], "runs": trend}, indent=2))
         else:
-            print(trends.render_trend(names[0], trend), end="")
+            emit(trends.render_trend(names[0], trend), end="")
         if trend:
-            path = trends.plot_trend(names[0], trend, args.plot or Path(f"trend-{names[0]}.png"))
-            print(f"plot: {path}", file=sys.stderr)
+            # The group is a validated name (job.untrusted.Report), and the default file stays in this folder.
+            path = args.plot or path_inside(Path.cwd(), f"trend-{names[0]}.png")
+            if path is None:
+                emit(f"vat-job collect: group {names[0]!r} cannot name a file; pass --plot", file=sys.stderr)
+                return 2
+            trends.plot_trend(names[0], trend, path)
+            emit(f"plot: {path}", file=sys.stderr)
         return 0
     groups = group_by_configuration(rows)
     if args.format == "json":
-        print(json.dumps({"runs": rows, "configurations": groups}, indent=2))
+        emit(json.dumps({"runs": rows, "configurations": groups}, indent=2))
     elif args.format == "csv":
-        print(render_csv(rows), end="")
+        emit(render_csv(rows), end="")
     else:
-        print(render_table(rows, groups), end="")
+        emit(render_table(rows, groups), end="")
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import gzip
 import math
 import os
@@ -10,6 +11,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,7 @@ from sklearn.model_selection import train_test_split
 from torch.nn import functional as F
 
 from job.layout import sha256_of
+from job.untrusted import without_userinfo
 
 # SHA256 of the four uncompressed files, as torchvision's mirrors serve them (gzipped).
 MNIST_SHA256: dict[str, str] = {
@@ -98,7 +101,8 @@ def _download_verified(
                 _fetch_gz(url, folder / name, sha, timeout_s)
                 on_event("mnist_file_downloaded", file=name, url=url, attempt=attempt)
                 return
-            except (OSError, urllib.error.URLError, EOFError, ValueError) as error:
+            # zlib.error: a corrupt gzip stream; anything a mirror sends is its failure, and the next one is tried
+            except (OSError, urllib.error.URLError, EOFError, ValueError, zlib.error) as error:
                 failures.append(f"{url}: {error}")
                 on_event("mnist_download_failed", url=url, attempt=attempt, error=str(error))
                 if attempt < retries:
@@ -114,7 +118,10 @@ def _fetch_gz(url: str, target: Path, sha: str, timeout_s: float) -> None:
     with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", delete=False) as tmp:
         tmp_path = Path(tmp.name)
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response, tempfile.TemporaryFile() as compressed:
+        with (
+            urllib.request.urlopen(_request(url), timeout=timeout_s) as response,
+            tempfile.TemporaryFile() as compressed,
+        ):
             shutil.copyfileobj(response, compressed)
             compressed.seek(0)
             with gzip.GzipFile(fileobj=compressed) as unzipped, tmp_path.open("wb") as out:
@@ -125,6 +132,17 @@ def _fetch_gz(url: str, target: Path, sha: str, timeout_s: float) -> None:
         os.replace(tmp_path, target)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def _request(url: str) -> urllib.request.Request:
+    """A GET of `url`; a mirror's user:password@ goes as HTTP basic authentication, since urllib would read the
+    userinfo as part of the host (and quote the password in its error)."""
+    bare, user, password = without_userinfo(url)
+    request = urllib.request.Request(bare)
+    if user is not None:
+        token = base64.b64encode(f"{user}:{password or ''}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    return request
 
 
 @dataclass

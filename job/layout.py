@@ -87,6 +87,16 @@ def atomic_write_bytes(path: Path, write: Callable[[BinaryIO], object]) -> None:
         raise
 
 
+def unwritable(folder: Path) -> str | None:
+    """Why this process cannot create files in `folder` (made if missing), or None when it can."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as error:
+        return str(error.strerror or error)
+    return None
+
+
 def write_json(path: Path, payload: Any) -> None:
     text = json.dumps(payload, indent=2) + "\n"
     atomic_write_bytes(path, lambda handle: handle.write(text.encode("utf-8")))

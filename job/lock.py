@@ -25,8 +25,10 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 from job.storage import STORAGE_ERRORS, RunStore, StorageError, http_status
+from job.untrusted import MAX_DOCUMENT_BYTES, Lease, Untrusted, parse
 
 LEASE_S = 120.0
+MIN_LEASE_S = 60.0  # two renewals: a shorter lease_s in another job's lease object is read as this
 RENEW_EVERY_S = 30.0
 RETRY_EVERY_S = 5.0
 
@@ -38,14 +40,17 @@ class RunLocked(Exception):
 class RunLock:
     """Held from `acquire` to `release`; `lost` says whether the bucket lease was taken from us."""
 
-    def __init__(self, folder: Path, store: RunStore | None, lease_s: float = LEASE_S) -> None:
-        self.folder, self.store, self.lease_s = folder, store, lease_s
+    def __init__(
+        self, folder: Path, store: RunStore | None, lease_s: float = LEASE_S, min_lease_s: float = MIN_LEASE_S
+    ) -> None:
+        self.folder, self.store, self.lease_s, self.min_lease_s = folder, store, lease_s, min_lease_s
         self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex}
         self.key = f"{store.prefix + '/' if store and store.prefix else ''}locks/{store.run_id}.json" if store else ""
         self._fd: int | None = None
         self._etag: str | None = None
         self._done = threading.Event()
         self.lost = False
+        self.took_over: str | None = None  # whose expired lease this job took, for the log
 
     # --- acquiring -------------------------------------------------------------------------------
 
@@ -65,6 +70,8 @@ class RunLock:
                     raise
                 on_wait("run_locked_waiting", reason=str(held), waiting_s=round(left, 1))
                 time.sleep(min(RETRY_EVERY_S, left))
+        if self.took_over:
+            on_wait("run_lease_taken_over", previous_holder=self.took_over, lease=self.key)
         if self.store is not None:
             threading.Thread(target=self._renew, name="run-lease", daemon=True).start()
 
@@ -97,19 +104,25 @@ class RunLock:
                 raise StorageError(f"run lease s3://{store.bucket}/{self.key}: {error}") from None
         try:
             held = store.client.get_object(Bucket=store.bucket, Key=self.key)
-            holder = json.loads(held["Body"].read())
+            body = held["Body"].read(MAX_DOCUMENT_BYTES + 1)
             server_now = parsedate_to_datetime(held["ResponseMetadata"]["HTTPHeaders"]["date"])
             age = (server_now - held["LastModified"]).total_seconds()
-            lease = float(holder.get("lease_s", LEASE_S))
         except STORAGE_ERRORS as error:
             if http_status(error) == 404:  # released between our two requests: try again at once
                 return self._try_bucket()
             raise StorageError(f"run lease s3://{store.bucket}/{self.key}: {error}") from None
-        except (ValueError, KeyError, TypeError, AttributeError):
-            holder, age, lease = {"host": "an unreadable lease"}, LEASE_S, 0.0  # garbage: treat as expired
+        except (ValueError, KeyError, TypeError, AttributeError):  # no usable Date header: a fresh lease
+            age = 0.0
+        # The lease's own lease_s is another job's word: used only within [min_lease_s, LEASE_MAX_S]. A lease that
+        # fails its schema is held for our own lease_s since its last write, never taken over at once.
+        try:
+            holder = parse(body, Lease, "lease")
+            who, lease = f"{holder.host} pid {holder.pid}", max(holder.lease_s, self.min_lease_s)
+        except Untrusted as error:
+            who, lease = f"an unreadable lease ({error})", self.lease_s
         if age <= lease:
             raise RunLocked(
-                f"run {store.run_id} is being written by {holder.get('host')} pid {holder.get('pid')} "
+                f"run {store.run_id} is being written by {who} "
                 f"(lease renewed {age:.0f} s ago, expires after {lease:.0f} s without renewal; "
                 f"if that job is dead, run again after that or delete s3://{store.bucket}/{self.key})"
             )
@@ -121,6 +134,7 @@ class RunLock:
             if http_status(error) in (404, 409, 412):
                 raise RunLocked(f"run {store.run_id}: another job took over the expired lease first") from None
             raise StorageError(f"run lease s3://{store.bucket}/{self.key}: {error}") from None
+        self.took_over = f"{who}, last renewed {age:.0f} s ago (lease {lease:.0f} s)"
 
     # --- holding and releasing -------------------------------------------------------------------
 

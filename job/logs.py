@@ -8,7 +8,6 @@ reaches stdout that is not a JSON line.
 from __future__ import annotations
 
 import logging
-import re
 import sys
 import warnings
 from pathlib import Path
@@ -16,23 +15,11 @@ from typing import Any, TextIO
 
 import structlog
 
-# user:password@ (or token@) in any URL: masked wherever it appears, in every log line and in report.json.
-_URL_CREDENTIALS = re.compile(r"(?<=//)[^/@\s]+@")
-
-
-def redact(value: Any) -> Any:
-    """`value` with URL credentials masked, in strings and inside lists and dicts."""
-    if isinstance(value, str):
-        return _URL_CREDENTIALS.sub("***@", value)
-    if isinstance(value, list | tuple):
-        return [redact(item) for item in value]
-    if isinstance(value, dict):
-        return {key: redact(item) for key, item in value.items()}
-    return value
+from job.untrusted import mask
 
 
 def _redact_event(logger: Any, name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
-    return {key: redact(value) for key, value in event_dict.items()}
+    return {key: mask(value) for key, value in event_dict.items()}
 
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
@@ -74,7 +61,12 @@ def configure_logging(log_format: str = "json", level: str = "info", stream: Tex
     # the structured form).
     renderers: list[Any]
     if log_format == "console":
-        renderers = [structlog.dev.ConsoleRenderer(colors=stream.isatty())]
+        # The traceback as text first, so that it is masked like everything else before it is printed.
+        renderers = [
+            structlog.processors.format_exc_info,
+            _redact_event,
+            structlog.dev.ConsoleRenderer(colors=stream.isatty()),
+        ]
     else:
         renderers = [_TRACEBACKS, _redact_event, structlog.processors.JSONRenderer()]
     structlog.configure(
@@ -91,6 +83,14 @@ def configure_logging(log_format: str = "json", level: str = "info", stream: Tex
         cache_logger_on_first_use=False,
     )
     _route_stdlib_and_warnings(level)
+    sys.excepthook = _masked_excepthook
+
+
+def _masked_excepthook(kind: type[BaseException], error: BaseException, tb: Any) -> None:
+    """An exception nothing caught (a bug) still prints its traceback, masked like every log line."""
+    import traceback
+
+    sys.stderr.write(mask("".join(traceback.format_exception(kind, error, tb))))
 
 
 def _route_stdlib_and_warnings(level: str) -> None:

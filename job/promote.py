@@ -28,6 +28,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from job.layout import REPORT, sha256_of, write_json
 from job.storage import RunStore, StorageError, describe_error
+from job.untrusted import MAX_DOCUMENT_BYTES, Pointer, Untrusted, parse, path_inside
 
 POINTER = "pointer.json"
 MODEL_FILE = "vat/model.pt"  # in the run folder
@@ -88,19 +89,25 @@ class PromotionSlot:
         except (ClientError, BotoCoreError) as error:
             raise StorageError(describe_error(error, self.bucket)) from None
 
-    def current(self) -> dict[str, Any] | None:
-        """The pointer of the promoted model, or None when nothing was promoted yet."""
+    def current(self) -> Pointer | None:
+        """The pointer of the promoted model, or None when nothing was promoted yet; a pointer that fails its schema
+        (job.untrusted.Pointer) raises Untrusted."""
         try:
-            body = self.client.get_object(Bucket=self.bucket, Key=self.pointer_key)["Body"].read()
+            response = self.client.get_object(Bucket=self.bucket, Key=self.pointer_key)
+            body = response["Body"].read(MAX_DOCUMENT_BYTES + 1)
         except ClientError as error:
             if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 return None
             raise StorageError(describe_error(error, self.bucket)) from None
         except BotoCoreError as error:
             raise StorageError(describe_error(error, self.bucket)) from None
-        return json.loads(body)
+        pointer = parse(body, Pointer, f"s3://{self.bucket}/{self.pointer_key}")
+        for name, entry in pointer.files.named().items():
+            if not entry.key.startswith(self.root + "runs/") or ".." in entry.key.split("/"):
+                raise Untrusted(f"s3://{self.bucket}/{self.pointer_key}: files.{name}: names a key outside the slot")
+        return pointer
 
-    def promote(self, store: RunStore, report: dict[str, Any], previous: dict[str, Any] | None) -> dict[str, Any]:
+    def promote(self, store: RunStore, report: dict[str, Any], previous: Pointer | None) -> dict[str, Any]:
         """Copy the run's model and report under runs/<run_id>/ (server side), check them, then write the pointer."""
         files = {}
         for name, relative in (("model.pt", MODEL_FILE), ("report.json", REPORT)):
@@ -125,7 +132,7 @@ class PromotionSlot:
             "metric": METRIC,
             "accuracy": candidate_accuracy(report),
             "files": files,
-            "previous": {"run_id": previous["run_id"], "accuracy": previous["accuracy"]} if previous else None,
+            "previous": {"run_id": previous.run_id, "accuracy": previous.accuracy} if previous else None,
         }
         body = (json.dumps(pointer, indent=2) + "\n").encode()
         self._call(
@@ -142,19 +149,26 @@ class PromotionSlot:
 def promote_run(store: RunStore, report: dict[str, Any], settings: Any, log: Any) -> dict[str, Any]:
     """Gate a finished, uploaded run and promote it; raise GateRefused when it does not pass."""
     slot = PromotionSlot(store.client, store.bucket, store.prefix, settings.promote_to)
-    current = slot.current()
-    candidate = candidate_accuracy(report)
-    if current and current.get("run_id") == store.run_id:
-        log.info("already_promoted", run_id=store.run_id, pointer=slot.pointer_key)  # a retried pod after promotion
-        return current
     gate = Gate(settings.promote_min_accuracy, settings.promote_max_regression)
-    promoted_accuracy = current.get("accuracy") if current else None
+    candidate = candidate_accuracy(report)
+    try:
+        current = slot.current()
+    except Untrusted as error:
+        # The gate cannot compare with a model it cannot read; overwriting the pointer would hide the damage.
+        why = f"{error}; restore the pointer (bucket versioning) or delete it, then run again"
+        raise GateRefused(
+            f"not promoted: {why}", {"metric": METRIC, "candidate": candidate, "passed": False, "reason": why}
+        ) from None
+    if current and current.run_id == store.run_id:
+        log.info("already_promoted", run_id=store.run_id, pointer=slot.pointer_key)  # a retried pod after promotion
+        return current.model_dump(by_alias=True)
+    promoted_accuracy = current.accuracy if current else None
     passed, why = gate.judge(candidate, promoted_accuracy)
     verdict = {
         "metric": METRIC,
         "candidate": candidate,
         "promoted": promoted_accuracy,
-        "promoted_run_id": current.get("run_id") if current else None,
+        "promoted_run_id": current.run_id if current else None,
         "min_accuracy": gate.min_accuracy,
         "max_regression": gate.max_regression,
         "passed": passed,
@@ -168,29 +182,33 @@ def promote_run(store: RunStore, report: dict[str, Any], settings: Any, log: Any
     return pointer
 
 
-def fetch_promoted(slot: PromotionSlot, destination: Path) -> dict[str, Any]:
-    """The reader's side: the pointer, then the files it names, each checked against its sha256.
+def fetch_promoted(slot: PromotionSlot, destination: Path) -> Pointer:
+    """The reader's side: the pointer (through its schema), then the two files it names, each checked against its
+    sha256 and size.
 
     Writes destination/model.pt, destination/report.json and destination/pointer.json; raises StorageError
-    when nothing is promoted or a file does not match its pointer.
+    when nothing is promoted or a file does not match its pointer, Untrusted when the pointer fails its schema.
     """
     pointer = slot.current()
     if pointer is None:
         raise StorageError(f"nothing promoted under s3://{slot.bucket}/{slot.root}")
     destination.mkdir(parents=True, exist_ok=True)
+    targets = {name: path_inside(destination, name) for name in (*pointer.files.named(), POINTER)}
+    if None in targets.values():  # the names are the schema's own; a symbolic link in DIR could still point away
+        raise StorageError(f"{destination} holds a link that leads outside it; use an empty folder")
     # Every file is fetched and checked before any is put in place: a failure leaves DIR as it was (an earlier
     # promotion stays whole there), never the new model beside the old report.
-    partials = {name: destination / f".{name}.part" for name in pointer["files"]}
+    partials = {name: destination / f".{name}.part" for name in pointer.files.named()}
     try:
-        for name, entry in pointer["files"].items():
-            slot._call(slot.client.download_file, Bucket=slot.bucket, Key=entry["key"], Filename=str(partials[name]))
-            if sha256_of(partials[name]) != entry["sha256"]:
-                raise StorageError(f"{entry['key']} does not match the sha256 in {slot.pointer_key}")
+        for name, entry in pointer.files.named().items():
+            slot._call(slot.client.download_file, Bucket=slot.bucket, Key=entry.key, Filename=str(partials[name]))
+            if partials[name].stat().st_size != entry.size or sha256_of(partials[name]) != entry.sha256:
+                raise StorageError(f"{entry.key} does not match the sha256 (or the size) in {slot.pointer_key}")
     except BaseException:
         for partial in partials.values():
             partial.unlink(missing_ok=True)
         raise
     for name, partial in partials.items():
-        partial.replace(destination / name)
-    write_json(destination / POINTER, pointer)
+        partial.replace(targets[name])
+    write_json(targets[POINTER], pointer.model_dump(mode="json", by_alias=True))
     return pointer

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from job import data, evaluate, logs, storage, train
-from job.checkpoint import CHECKPOINT_PATTERN, checkpoint_step, superseded
+from job.checkpoint import CHECKPOINT_PATTERN, checkpoint_step, list_checkpoints, prune_checkpoints, superseded
 from job.device import configure_backend, resolve_device
 from job.layout import FINAL_MODEL, LOG, PHASES, RunLayout, write_json
 from job.lock import RunLock
@@ -39,6 +39,14 @@ def run_job(settings: Settings, stop: StopFlag, log: Any) -> dict[str, Any]:
     layout = RunLayout.of(settings.output_dir, settings.run_id)
     with stop.waiting(0):  # nothing to save yet: a signal ends these waits at once
         store = storage.open_run_store(settings) if settings.s3_bucket else None  # fails fast, before training
+        if store and not store.conditional_writes:
+            problem = (
+                f"the S3 server at {settings.s3_endpoint_url or 'the configured endpoint'} ignores conditional "
+                "writes (If-None-Match): a second job on this run id on another node cannot be refused"
+            )
+            if settings.s3_conditional_writes == "require":
+                raise storage.StorageError(f"{problem}; VAT_S3_CONDITIONAL_WRITES=require refuses such a server")
+            log.warning("conditional_writes_ignored", message=f"{problem}; only the local lock holds")
         lock = RunLock(layout.root, store)
         lock.acquire(settings.lock_wait_s, on_wait=log.warning)
     with released_at_exit(lock, stop):  # one writer per run id (job/lock.py), released whatever happens
@@ -155,8 +163,16 @@ def run_job(settings: Settings, stop: StopFlag, log: Any) -> dict[str, Any]:
         if store:
             logs.close_run_log()  # the log is complete: what follows goes to stdout only
             lock.check()  # never two writers: a job whose lease was taken over does not write the manifest
+            for phase in PHASES:  # a resume may have fetched older checkpoints than the kept ones: not shipped
+                prune_checkpoints(
+                    layout.phase(phase),
+                    max(dict(list_checkpoints(layout.phase(phase))), default=0),
+                    settings.keep_checkpoints,
+                )
             with stop.waiting(UPLOAD_GRACE_S):
-                manifest = store.upload_run(layout, on_event=log.info)
+                manifest = store.upload_run(
+                    layout, on_event=log.info, stale=lambda rel: checkpoint_step(rel.rpartition("/")[2]) is not None
+                )
             log.info("run_uploaded", bucket=settings.s3_bucket, prefix=store.run_prefix, files=len(manifest["files"]))
             if settings.promote_to:
                 from job import promote

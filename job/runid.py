@@ -19,6 +19,13 @@ def generate_run_id() -> str:
 _SCHEDULED_JOB = re.compile(r"^(?P<cronjob>.+)-(?P<minutes>\d{8,10})$")
 
 
+def _scheduled_time(minutes: str) -> datetime | None:
+    try:
+        return datetime.fromtimestamp(int(minutes) * 60, UTC)
+    except (OverflowError, OSError, ValueError):  # past year 9999
+        return None
+
+
 def kubernetes_run_id(job_name: str, job_uid: str, group: str, index: str | None = None) -> str:
     """The run id of a pod of a Kubernetes Job: the same for every retried pod of the Job, unique per Job.
 
@@ -29,9 +36,9 @@ def kubernetes_run_id(job_name: str, job_uid: str, group: str, index: str | None
     """
     uid = re.sub(r"[^A-Za-z0-9]", "", job_uid)[:8].lower()
     scheduled = _SCHEDULED_JOB.match(job_name)
-    if scheduled and scheduled["cronjob"] == group:
-        when = datetime.fromtimestamp(int(scheduled["minutes"]) * 60, UTC)
+    when = _scheduled_time(scheduled["minutes"]) if scheduled and scheduled["cronjob"] == group else None
+    if when is not None:
         run_id = f"{when:%Y%m%dT%H%MZ}-{group}-{uid}"
-    else:
+    else:  # not a CronJob's Job (or a time no CronJob writes): the Job's own name
         run_id = f"{job_name}-{uid}"
     return run_id if index is None else f"{run_id}-{index}"

@@ -18,8 +18,8 @@ from dotenv import dotenv_values
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
-from job.logs import redact
 from job.runid import RUN_ID_PATTERN, generate_run_id, kubernetes_run_id
+from job.untrusted import checked_url, mask, register_secret, register_url_secrets
 
 ENV_PREFIX = "VAT_"
 
@@ -55,6 +55,7 @@ IMPLICIT_BEFORE_ADDED: dict[str, Any] = {
     for name in ("hidden_units", "epsilon_scaling", "rotate_deg", "elastic_px", "balance_weight")
 }
 
+MAX_STEPS = 10_000_000  # 10M updates: days on an H200; a larger number is a typo, not a plan
 UNKNOWN_SETTING = "unknown setting (a typo?); the settings are listed in .env.example"
 
 
@@ -82,7 +83,7 @@ class Settings(BaseSettings):
         ]
     )
     download_retries: int = Field(default=3, ge=1, le=20)
-    download_timeout_s: float = Field(default=60.0, gt=0)
+    download_timeout_s: float = Field(default=60.0, gt=0, le=3600)
     output_dir: Path = Path("runs")
     run_id: str = Field(default_factory=generate_run_id)
     # Which runs belong together (one-off, the nightly CronJob's name, a sweep's name): recorded in report.json,
@@ -98,7 +99,7 @@ class Settings(BaseSettings):
     label_split_seed: int = Field(default=1, ge=0, le=2**32 - 1)
     label_split_seed_from_index: bool = False
     num_labeled: int = Field(default=100, ge=10, le=49_000)
-    num_unlabeled: int | None = Field(default=None, ge=1)
+    num_unlabeled: int | None = Field(default=None, ge=1, le=49_990)
 
     # Training.
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -106,20 +107,20 @@ class Settings(BaseSettings):
     deterministic: bool = True
     amp: Literal["off", "bf16", "fp16"] = "off"
     cuda_graphs: bool = True
-    baseline_steps: int = Field(default=500, ge=0)
-    train_steps: int = Field(default=6000, ge=0)
-    labeled_batch_size: int = Field(default=100, ge=1)
-    unlabeled_batch_size: int = Field(default=512, ge=1)
+    baseline_steps: int = Field(default=500, ge=0, le=MAX_STEPS)
+    train_steps: int = Field(default=6000, ge=0, le=MAX_STEPS)
+    labeled_batch_size: int = Field(default=100, ge=1, le=49_000)
+    unlabeled_batch_size: int = Field(default=512, ge=1, le=49_990)
     lr: float = Field(default=1e-3, gt=0, le=1.0)
     lr_decay: Literal["none", "linear"] = "linear"
-    epsilon: float = Field(default=3.5, gt=0)
+    epsilon: float = Field(default=3.5, gt=0, le=100)
     epsilon_scaling: Literal["fixed", "input_norm"] = "fixed"
-    xi: float = Field(default=1.0, gt=0)
+    xi: float = Field(default=1.0, gt=0, le=100)
     power_iterations: int = Field(default=1, ge=1, le=10)
-    vat_weight: float = Field(default=1.0, ge=0)
-    entmin_weight: float = Field(default=1.0, ge=0)
-    entmin_rampup_steps: int = Field(default=1500, ge=0)
-    balance_weight: float = Field(default=0.0, ge=0)
+    vat_weight: float = Field(default=1.0, ge=0, le=1000)
+    entmin_weight: float = Field(default=1.0, ge=0, le=1000)
+    entmin_rampup_steps: int = Field(default=1500, ge=0, le=MAX_STEPS)
+    balance_weight: float = Field(default=0.0, ge=0, le=1000)
     perturbed_bn: Literal["frozen", "update"] = "frozen"
     dropout_masks: Literal["shared", "independent", "none"] = "shared"
     bn_reestimate: bool = False
@@ -128,14 +129,14 @@ class Settings(BaseSettings):
     rotate_deg: float = Field(default=0.0, ge=0, le=45)
     elastic_px: float = Field(default=0.0, ge=0, le=8)
     hidden_units: int = Field(default=1024, ge=1, le=8192)
-    checkpoint_every: int = Field(default=500, ge=1)
-    keep_checkpoints: int = Field(default=2, ge=1)
-    eval_batch_size: int = Field(default=250, ge=1)
+    checkpoint_every: int = Field(default=500, ge=1, le=MAX_STEPS)
+    keep_checkpoints: int = Field(default=2, ge=1, le=1000)
+    eval_batch_size: int = Field(default=250, ge=1, le=70_000)
 
     # Output.
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_every_s: float = Field(default=5.0, gt=0)
+    log_every_s: float = Field(default=5.0, gt=0, le=86_400)
     plots: bool = True
 
     # Object storage (the endpoint and credentials come from boto3's own variables).
@@ -144,10 +145,12 @@ class Settings(BaseSettings):
     s3_endpoint_url: str | None = None
     s3_addressing_style: Literal["auto", "path", "virtual"] = "auto"
     s3_checksums: Literal["when_required", "when_supported"] = "when_required"
+    # A server that ignores conditional writes (If-None-Match) cannot keep two nodes off one run id: warn, or refuse.
+    s3_conditional_writes: Literal["warn", "require"] = "warn"
     s3_max_attempts: int = Field(default=5, ge=1, le=20)
-    s3_connect_timeout_s: float = Field(default=5.0, gt=0)
+    s3_connect_timeout_s: float = Field(default=5.0, gt=0, le=600)
     s3_read_timeout_s: float = Field(default=20.0, gt=0, le=600)
-    lock_wait_s: float = Field(default=150.0, ge=0)
+    lock_wait_s: float = Field(default=150.0, ge=0, le=86_400)
 
     # Promotion of a finished run's VAT model to s3://<bucket>/<prefix>/<promote_to>/ behind a quality gate.
     promote_to: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -211,9 +214,15 @@ class Settings(BaseSettings):
                 raise ValueError("must be a JSON list of URLs, or URLs separated by commas") from None
         elif isinstance(value, str):
             value = [part.strip() for part in value.split(",") if part.strip()]
-        if isinstance(value, list) and not all(isinstance(u, str) and re.match(r"https?://[^/\s]", u) for u in value):
-            raise ValueError("every mirror must be an http:// or https:// URL")
+        if isinstance(value, list):
+            for url in value:
+                checked_url(url)  # raises with the URL masked: it may hold a mirror's password
         return value
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _endpoint_is_a_url(cls, value: str | None) -> str | None:
+        return checked_url(value) if value else None
 
     @field_validator("s3_bucket")
     @classmethod
@@ -253,7 +262,7 @@ class Settings(BaseSettings):
         """The settings as JSON-ready values, with anything secret-looking redacted."""
         out: dict[str, Any] = {}
         for name, value in self.model_dump(mode="json").items():
-            out[name] = "***" if re.search(r"secret|password|token|key", name) else redact(value)
+            out[name] = "***" if re.search(r"secret|password|token|key", name) else mask(value)
         return out
 
 
@@ -278,12 +287,32 @@ def load_settings(env_file: str | Path | None = ".env", **overrides: Any) -> Set
         except (UnicodeDecodeError, OSError, ValueError) as error:
             raise ConfigError(f"{env_file} cannot be read as UTF-8 KEY=value lines ({type(error).__name__})") from None
         _refuse_unknown(file_values, str(env_file))
+    register_secrets({**file_values, **os.environ})
+    for name in BOTO3_ENDPOINTS:  # boto3's own variables: botocore would fail later, deep in a traceback
+        try:
+            checked_url(os.environ[name]) if os.environ.get(name) else None
+        except ValueError as error:
+            raise ConfigError(f"{name}: {error}") from None
     try:
         return Settings(_env_file=env_file, **overrides)
     except ValidationError as error:
-        raise ConfigError(redact(_one_line(error, {**file_values, **os.environ}))) from None
+        raise ConfigError(mask(_one_line(error, {**file_values, **os.environ}))) from None
     except (SettingsError, UnicodeDecodeError) as error:
-        raise ConfigError(redact(f"settings cannot be read: {error}")) from None
+        raise ConfigError(mask(f"settings cannot be read: {error}")) from None
+
+
+SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+BOTO3_ENDPOINTS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+
+
+def register_secrets(values: dict[str, str | None]) -> None:
+    """Before anything can fail: the credentials in URL-valued settings and the AWS secrets are masked in every
+    message from now on (job.untrusted.mask), even where a library quotes them without their URL."""
+    for name in (env_name("mnist_mirrors"), env_name("s3_endpoint_url"), *BOTO3_ENDPOINTS):
+        for url in re.split(r"[\s,\[\]\"]+", values.get(name) or ""):
+            register_url_secrets(url)
+    for name in SECRET_VARIABLES:
+        register_secret(values.get(name))
 
 
 def _one_line(error: ValidationError, env: dict[str, Any]) -> str:

@@ -13,7 +13,6 @@ lands under its final name only once its bytes match the sha256 recorded when it
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,9 +23,10 @@ import boto3
 from boto3.exceptions import Boto3Error
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from job.layout import MANIFEST, NO_SPACE, DiskFull, RunLayout, sha256_of, write_json
+from job.untrusted import MAX_DOCUMENT_BYTES, Doc, is_folder_marker, mask, parse, path_inside, safe_relative
 
 MULTIPART_THRESHOLD = 8 * 1024 * 1024
 
@@ -36,28 +36,6 @@ class StorageError(Exception):
 
 
 STORAGE_ERRORS = (ClientError, BotoCoreError, Boto3Error)
-
-
-def safe_relative(relative: str) -> str | None:
-    """`relative` if it may name a file under a local folder, else None.
-
-    Refused: "" and folder markers ("x/"), absolute paths, "." / ".." / empty segments ("a//b"), backslashes,
-    NUL and control characters, and hidden names (".x": the job's own temporary and lock files)."""
-    if not relative or relative.endswith("/") or "\\" in relative:
-        return None
-    for part in relative.split("/"):
-        if not part or part.startswith(".") or any(ord(c) < 32 or c == "\x7f" for c in part):
-            return None
-    return relative
-
-
-def safe_target(destination: Path, relative: str) -> Path | None:
-    """The local path of an object key, or None when the key would leave `destination`."""
-    if safe_relative(relative) is None:
-        return None
-    target = destination / relative
-    root = destination.resolve()
-    return target if target.resolve().is_relative_to(root) and target.resolve() != root else None
 
 
 def make_client(
@@ -105,7 +83,16 @@ def describe_error(error: Exception, bucket: str) -> str:
         if "NoSuchBucket" in text:
             return f"bucket {bucket!r} does not exist (any more): {text}"
         return f"bucket {bucket!r}: {text}"
-    return f"object storage unreachable ({type(error).__name__}): check AWS_ENDPOINT_URL / VAT_S3_ENDPOINT_URL"
+    if isinstance(error, NoCredentialsError):
+        return (
+            "no S3 credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or a role) "
+            "in the environment; boto3 reads them, not VAT_* settings"
+        )
+    # botocore's text names the URL it tried ("Could not connect to the endpoint URL: ..."), masked like all text
+    return mask(
+        f"object storage unreachable ({type(error).__name__}: {error}): check AWS_ENDPOINT_URL_S3 / "
+        "AWS_ENDPOINT_URL / VAT_S3_ENDPOINT_URL"
+    )
 
 
 def runs_root(prefix: str) -> str:
@@ -121,6 +108,7 @@ class RunStore:
     bucket: str
     prefix: str
     run_id: str
+    conditional_writes: bool | None = None  # known after preflight
 
     @property
     def run_prefix(self) -> str:
@@ -135,12 +123,23 @@ class RunStore:
         except STORAGE_ERRORS as error:
             raise StorageError(describe_error(error, self.bucket)) from None
 
-    def preflight(self) -> None:
-        """Cheap check before any training: the bucket exists and we may write to it."""
+    def preflight(self) -> bool:
+        """Cheap check before any training: the bucket exists and we may write to it. Returns whether the server
+        honours conditional writes (`If-None-Match: *` on an existing key is refused), which the run lease needs."""
         self._call(self.client.head_bucket, Bucket=self.bucket)
         probe = self.key(".preflight")
         self._call(self.client.put_object, Bucket=self.bucket, Key=probe, Body=b"ok")
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=probe, Body=b"again", IfNoneMatch="*")
+            conditional = False  # written over: the server ignored the condition (s3rver, old MinIO...)
+        except STORAGE_ERRORS as error:
+            status = http_status(error)
+            if status not in (400, 409, 412, 501):  # 400/501: the header is not implemented
+                raise StorageError(describe_error(error, self.bucket)) from None
+            conditional = status in (409, 412)
         self._call(self.client.delete_object, Bucket=self.bucket, Key=probe)
+        self.conditional_writes = conditional
+        return conditional
 
     def upload(self, path: Path, relative: str, sha256: str | None = None) -> None:
         """Upload one file (multipart above 8 MiB) and check that the stored size and recorded sha256 match."""
@@ -178,8 +177,14 @@ class RunStore:
                 found[item["Key"][len(self.run_prefix) :]] = item["Size"]
         return found
 
-    def upload_run(self, layout: RunLayout, on_event: Callable[..., None] = lambda event, **kw: None) -> dict:
-        """Upload what the bucket lacks, then write and upload manifest.json last; return the manifest."""
+    def upload_run(
+        self,
+        layout: RunLayout,
+        on_event: Callable[..., None] = lambda event, **kw: None,
+        stale: Callable[[str], bool] = lambda relative: False,
+    ) -> dict:
+        """Upload what the bucket lacks, delete the bucket's `stale` objects the run folder no longer holds (older
+        checkpoints an earlier attempt left), then write and upload manifest.json last; return the manifest."""
         remote = self.remote_objects()
         files = {}
         for path in sorted(local_files(layout)):
@@ -190,14 +195,19 @@ class RunStore:
                 continue  # already there, intact (uploaded as training went, or by an earlier attempt)
             self.upload(path, relative, sha)
             on_event("uploaded", file=relative, bytes=size)
+        for relative in sorted(r for r in remote if r not in files and stale(r)):
+            self.delete(relative)
+            on_event("stale_object_deleted", file=relative)
         manifest = {"run_id": self.run_id, "files": files}
         write_json(layout.manifest, manifest)
         self.upload(layout.manifest, MANIFEST)
         return manifest
 
-    def fetch_json(self, relative: str) -> Any:
-        body = self._call(self.client.get_object, Bucket=self.bucket, Key=self.key(relative))["Body"].read()
-        return json.loads(body)
+    def fetch_document(self, relative: str, schema: type[Doc]) -> Doc:
+        """One of the run's JSON documents, read through its schema (raises job.untrusted.Untrusted)."""
+        response = self._call(self.client.get_object, Bucket=self.bucket, Key=self.key(relative))
+        body = self._call(response["Body"].read, MAX_DOCUMENT_BYTES + 1)
+        return parse(body, schema, relative)
 
     def download(
         self,
@@ -214,7 +224,10 @@ class RunStore:
         for relative, size in self.remote_objects().items():
             if not only(relative):
                 continue
-            target = safe_target(destination, relative)
+            if is_folder_marker(relative, size):
+                on_problem("folder_marker_skipped", key=self.key(relative), reason="a folder marker, not a file")
+                continue
+            target = path_inside(destination, relative)
             if target is None:
                 on_problem("object_skipped", key=self.key(relative), reason="not a plain relative path")
                 continue
@@ -226,7 +239,11 @@ class RunStore:
                 on_problem("object_skipped", key=self.key(relative), reason=f"cannot create its folder: {error}")
                 continue
             partial = target.with_name(f".{target.name}.part")
-            problem = self._fetch_verified(relative, partial, require_sha256)
+            try:
+                problem = self._fetch_verified(relative, partial, require_sha256)
+            except BaseException:  # a full disk, a lost server, a signal: no .part is left behind
+                partial.unlink(missing_ok=True)
+                raise
             if problem:
                 partial.unlink(missing_ok=True)
                 on_problem("object_not_verified", key=self.key(relative), reason=problem)

@@ -7,63 +7,58 @@ listed sizes; anything else is reported, never raised, so that one damaged run d
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 from job.layout import MANIFEST, sha256_of
-from job.storage import RunStore, safe_relative
+from job.storage import RunStore
+from job.untrusted import Doc, Manifest, Untrusted, parse, path_inside
 
 
-def fetch_json_or_problem(store: RunStore, relative: str) -> tuple[Any, str | None]:
+def fetch_document_or_problem(store: RunStore, relative: str, schema: type[Doc]) -> tuple[Doc | None, str | None]:
+    """(document, None), or (None, why it is unusable): one bad document never hides the other runs."""
     try:
-        value = store.fetch_json(relative)
-    except (ValueError, UnicodeDecodeError):
-        return None, f"{relative} is not valid JSON (truncated?)"
-    return (value, None) if isinstance(value, dict) else (None, f"{relative} is not a JSON object")
+        return store.fetch_document(relative, schema), None
+    except Untrusted as error:
+        return None, str(error)
 
 
-def manifest_problems(manifest: dict[str, Any], run_id: str, sizes: dict[str, int]) -> list[str]:
+def manifest_problems(manifest: Manifest, run_id: str, sizes: dict[str, int]) -> list[str]:
     """What is wrong with a manifest, judged from the bucket's listing (names, sizes, run id)."""
     problems = []
-    if manifest.get("run_id") != run_id:
-        problems.append(f"manifest names run {manifest.get('run_id')!r}")
-    files = manifest.get("files")
-    if not isinstance(files, dict):
-        return [*problems, "manifest has no file list"]
-    for name, entry in sorted(files.items()):
-        if safe_relative(name) is None or not isinstance(entry, dict):
-            problems.append(f"manifest entry {name!r} is not a plain file")
-        elif name not in sizes:
+    if manifest.run_id != run_id:
+        problems.append(f"manifest names run {manifest.run_id!r}")
+    for name, entry in sorted(manifest.files.items()):
+        if name not in sizes:
             problems.append(f"{name} is in the manifest but not in the bucket")
-        elif sizes[name] != entry.get("size"):
-            problems.append(f"{name} is {sizes[name]} bytes, the manifest says {entry.get('size')}")
+        elif sizes[name] != entry.size:
+            problems.append(f"{name} is {sizes[name]} bytes, the manifest says {entry.size}")
     return problems
 
 
-def download_run(store: RunStore, folder: Path) -> tuple[list[str], list[str]]:
-    """Fetch a run into `folder`; return (files fetched, problems): unsafe keys, objects that do not match the
-    sha256 recorded at upload, and any difference from the manifest (files missing, sha256, run id)."""
+def download_run(store: RunStore, folder: Path) -> tuple[list[str], list[str], list[str]]:
+    """Fetch a run into `folder`; return (files fetched, problems, notes). Problems: unsafe keys, objects that do
+    not match the sha256 recorded at upload, any difference from the manifest (files missing, sha256, run id).
+    Notes: what was skipped harmlessly (folder markers)."""
     problems: list[str] = []
-    fetched = store.download(
-        folder,
-        on_problem=lambda event, key, reason: problems.append(f"{key}: {reason}"),
-        require_sha256=False,
-    )
+    notes: list[str] = []
+
+    def on_problem(event: str, key: str, reason: str) -> None:
+        (notes if event == "folder_marker_skipped" else problems).append(f"{key}: {reason}")
+
+    fetched = store.download(folder, on_problem=on_problem, require_sha256=False)
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
-        return fetched, [*problems, "no manifest.json: the run is incomplete and its files are not verified"]
+        return fetched, [*problems, "no manifest.json: the run is incomplete and its files are not verified"], notes
     try:
-        manifest = json.loads(manifest_path.read_text())
-        files = {name: entry for name, entry in manifest["files"].items()}
-    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
-        return fetched, [*problems, "manifest.json is not a valid manifest"]
-    if manifest.get("run_id") != store.run_id:
-        problems.append(f"manifest names run {manifest.get('run_id')!r}, not {store.run_id!r}")
-    for name, entry in sorted(files.items()):
-        path = folder / name if safe_relative(name) else None
+        manifest = parse(manifest_path.read_bytes(), Manifest, MANIFEST)
+    except Untrusted as error:
+        return fetched, [*problems, str(error)], notes
+    if manifest.run_id != store.run_id:
+        problems.append(f"manifest names run {manifest.run_id!r}, not {store.run_id!r}")
+    for name, entry in sorted(manifest.files.items()):
+        path = path_inside(folder, name)
         if path is None or not path.is_file():
             problems.append(f"{name}: in the manifest but not downloaded")
-        elif not isinstance(entry, dict) or sha256_of(path) != entry.get("sha256"):
+        elif sha256_of(path) != entry.sha256:
             problems.append(f"{name}: sha256 differs from the manifest's")
-    return fetched, problems
+    return fetched, problems, notes

@@ -107,3 +107,70 @@ def moto_on_loopback(bucket: str) -> Iterator[dict]:
         yield {"endpoint": endpoint, "env": credentials, "client": client}
     finally:
         server.stop()
+
+
+S3RVER = REPO / ".ci" / "s3rver" / "node_modules" / ".bin" / "s3rver"
+
+
+@contextlib.contextmanager
+def s3rver_on_loopback(bucket: str) -> Iterator[dict]:
+    """s3rver (a second S3 implementation, in Node.js; it ignores conditional writes) on 127.0.0.1 with one bucket.
+    Installed by .ci/run (`npm ci --prefix .ci/s3rver`); without it the test is skipped, and fails under CI."""
+    import shutil
+    import socket
+    import subprocess
+    import tempfile
+    import time
+
+    import boto3
+
+    if not S3RVER.exists() or not shutil.which("node"):
+        message = f"s3rver not installed ({S3RVER}): npm ci --prefix .ci/s3rver"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    folder = tempfile.mkdtemp(prefix="s3rver-")
+    process = subprocess.Popen(
+        [
+            str(S3RVER),
+            "--directory",
+            folder,
+            "--address",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--silent",
+            "--configure-bucket",
+            bucket,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    credentials = {  # s3rver's fixed key pair; it checks signatures
+        "AWS_ACCESS_KEY_ID": "S3RVER",
+        "AWS_SECRET_ACCESS_KEY": "S3RVER",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+    }
+    client = boto3.client(
+        "s3", endpoint_url=endpoint, aws_access_key_id="S3RVER", aws_secret_access_key="S3RVER", region_name="us-east-1"
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client.head_bucket(Bucket=bucket)
+                break
+            except Exception:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise
+                time.sleep(0.2)
+        yield {"endpoint": endpoint, "env": credentials, "client": client}
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        shutil.rmtree(folder, ignore_errors=True)

@@ -77,7 +77,7 @@ def test_promotion_refusal_and_what_a_reader_sees(client, tmp_path):
     pointer = promote_run(first, report, Settings(), log)
     assert pointer["run_id"] == "night-1" and pointer["previous"] is None
     read = fetch_promoted(slot, tmp_path / "reader1")
-    assert read["run_id"] == "night-1" and read["group"] == "vat-job-nightly"
+    assert read.run_id == "night-1" and read.group == "vat-job-nightly"
     assert (tmp_path / "reader1/model.pt").read_bytes() == (folder / "vat/model.pt").read_bytes()
     assert json.loads((tmp_path / "reader1/report.json").read_text())["run_id"] == "night-1"
 
@@ -89,7 +89,7 @@ def test_promotion_refusal_and_what_a_reader_sees(client, tmp_path):
     with pytest.raises(GateRefused, match="below the promoted model's") as refused:
         promote_run(worse, report, Settings(), log)
     assert refused.value.verdict["promoted_run_id"] == "night-1" and refused.value.verdict["passed"] is False
-    assert slot.current()["run_id"] == "night-1"
+    assert slot.current().run_id == "night-1"
     assert "report.json" in worse.remote_objects(), "a refused run is kept"
 
     # Below the minimum, with nothing better around: refused too.
@@ -109,7 +109,7 @@ def test_promotion_refusal_and_what_a_reader_sees(client, tmp_path):
     with pytest.raises(StorageError):
         promote_run(better, report3, Settings(), log)
     client.put_object = real_put
-    assert fetch_promoted(slot, tmp_path / "reader2")["run_id"] == "night-1"
+    assert fetch_promoted(slot, tmp_path / "reader2").run_id == "night-1"
     assert (tmp_path / "reader2/model.pt").read_bytes() == (tmp_path / "reader1/model.pt").read_bytes()
 
     # Within the margin and run again: promoted; the pointer names the previous one, whose files stay readable.

@@ -1,0 +1,299 @@
+"""The border: every value that comes from outside the job's code is checked here before anything uses it.
+
+Three kinds of outside value, one way in for each:
+- a name that will become a local path (an object key, a file name in a pointer, a run group in a file name):
+  `path_inside(folder, name)` is the only way to turn it into a path;
+- anything URL-shaped (settings, mirrors, endpoints, and every message or traceback that may quote one):
+  `checked_url` validates a URL setting, `mask` hides credentials in any text before it is printed or stored;
+- a JSON document read back from the bucket (report, manifest, promotion pointer, run lease): `parse` reads it
+  with a size bound and a nesting bound into one of the schemas below, or raises `Untrusted` with one line.
+
+What a document does not pass is never half used: the caller gets a schema object whose fields have the types
+and ranges written here, or an `Untrusted` naming the document and the first field that is wrong (never the
+value: it may be garbage megabytes long, or a planted secret).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import urllib.parse
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+
+from job.runid import RUN_ID_PATTERN
+
+MAX_DOCUMENT_BYTES = 16 * 1024 * 1024  # a report.json is about 10 kB; a pointer or lease well under 1 kB
+
+
+class Untrusted(ValueError):
+    """An outside value failed its check; the message is one line and never contains the value itself."""
+
+
+# --- names that become paths --------------------------------------------------------------------------------
+
+
+def safe_relative(name: str) -> str | None:
+    """`name` if it may name a file under a local folder, else None.
+
+    Refused: "" and folder markers ("x/"), absolute paths, "." / ".." / empty segments ("a//b"), backslashes,
+    NUL and control characters, and hidden names (".x": the job's own temporary and lock files)."""
+    if not isinstance(name, str) or not name or name.endswith("/") or "\\" in name:
+        return None
+    for part in name.split("/"):
+        if not part or part.startswith(".") or any(ord(c) < 32 or c == "\x7f" for c in part):
+            return None
+    return name
+
+
+def path_inside(folder: Path, name: str) -> Path | None:
+    """The local path of an outside `name` under `folder`, or None when it is not a plain relative name or would
+    resolve outside `folder` (through a symbolic link already there, too)."""
+    if safe_relative(name) is None:
+        return None
+    target = folder / name
+    root = folder.resolve()
+    resolved = target.resolve()
+    return target if resolved.is_relative_to(root) and resolved != root else None
+
+
+def is_folder_marker(name: str, size: int) -> bool:
+    """An empty object whose key ends in "/": what S3 consoles' "Create folder" makes. Not a file, not a threat."""
+    return size == 0 and (name == "" or name.endswith("/"))
+
+
+# --- URLs and secrets ---------------------------------------------------------------------------------------
+
+# userinfo of anything URL-shaped: after "//", up to the LAST "@" before the path (a password may hold "@").
+_URL_USERINFO = re.compile(r"(?<=//)[^/\s?#]*@")
+_registered: set[str] = set()
+MIN_SECRET_LENGTH = 3  # shorter "secrets" would mask ordinary words; such URLs are refused by checked_url
+
+
+def register_secret(secret: str | None) -> None:
+    """From now on, `mask` hides `secret` wherever it appears, URL-shaped or not (urllib's "nonnumeric port:
+    'password@host'" quotes a password without its "//")."""
+    if secret and len(secret) >= MIN_SECRET_LENGTH:
+        _registered.add(secret)
+        _registered.add(urllib.parse.quote(secret, safe=""))
+
+
+def register_url_secrets(url: str) -> None:
+    """Register the userinfo of `url` (user:password, or a token) and its password alone as secrets."""
+    userinfo = _userinfo(url)
+    if userinfo:
+        register_secret(userinfo)
+        register_secret(userinfo.partition(":")[2])
+        register_secret(urllib.parse.unquote(userinfo.partition(":")[2]))
+
+
+def _userinfo(url: str) -> str:
+    """The user:password part of a URL, with or without its scheme ("user:pw@host:9" is a common mistake)."""
+    authority = re.sub(r"^[A-Za-z][A-Za-z0-9+.-]*://", "", url.strip()).split("/", 1)[0]
+    return authority.rpartition("@")[0]
+
+
+def mask(value: Any) -> Any:
+    """`value` with URL credentials and registered secrets replaced by ***, in strings and inside lists, tuples and
+    dicts (keys too). Every log line, error message, traceback and report passes through this."""
+    if isinstance(value, str):
+        text = _URL_USERINFO.sub("***@", value)
+        for secret in sorted(_registered, key=len, reverse=True):
+            if secret in text:
+                text = text.replace(secret, "***")
+        return text
+    if isinstance(value, list | tuple):
+        return [mask(item) for item in value]
+    if isinstance(value, dict):
+        return {mask(key): mask(item) for key, item in value.items()}
+    return value
+
+
+def checked_url(value: str, schemes: tuple[str, ...] = ("http", "https")) -> str:
+    """`value` if it is an absolute URL with one of `schemes`, a host and (if any) a numeric port; otherwise
+    raise ValueError with a line that says what is wrong and shows the URL masked."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("must be a URL such as https://host:port/")
+    shown = mask(value)
+    try:
+        parts = urllib.parse.urlsplit(value)
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"{shown!r} is not a URL (its port is not a number)") from None
+    if parts.scheme.lower() not in schemes or not parts.netloc:
+        wanted = " or ".join(f"{s}://" for s in schemes)
+        raise ValueError(f"{shown!r} must start with {wanted} and name a host (e.g. {schemes[0]}://host:port/)")
+    if not parts.hostname or any(c.isspace() for c in value):
+        raise ValueError(f"{shown!r} names no host, or holds spaces")
+    if port is not None and not 0 < port < 65536:
+        raise ValueError(f"{shown!r} has no valid port")
+    if parts.password is not None and len(parts.password) < MIN_SECRET_LENGTH:
+        raise ValueError(f"{shown!r}: a password this short cannot be kept out of the logs; use a longer one")
+    return value
+
+
+def without_userinfo(url: str) -> tuple[str, str | None, str | None]:
+    """(url without user:password@, user, password), both unquoted: urllib would take the userinfo for a host."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None:
+        return url, None, None
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host + (f":{parts.port}" if parts.port is not None else "")
+    bare = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    password = urllib.parse.unquote(parts.password) if parts.password is not None else None
+    return bare, urllib.parse.unquote(parts.username), password
+
+
+# --- JSON documents -----------------------------------------------------------------------------------------
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    return value
+
+
+Fraction = Annotated[float, Field(ge=0, le=1, strict=True), AfterValidator(_finite)]  # "0.9" is not a number
+RunId = Annotated[str, Field(pattern=f"^{RUN_ID_PATTERN.pattern}$", max_length=128)]
+Group = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+Size = Annotated[int, Field(ge=0, le=2**50)]
+RelativeName = Annotated[str, AfterValidator(lambda name: _plain(name))]
+
+
+def _plain(name: str) -> str:
+    if safe_relative(name) is None:
+        raise ValueError("is not a plain relative file name")
+    return name
+
+
+class _Document(BaseModel):
+    # Documents written by newer versions may carry more fields: ignored, never trusted.
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class Metrics(_Document):
+    accuracy: Fraction
+    macro_f1: Fraction
+
+
+class ModelResult(_Document):
+    seeded_test: Metrics
+    mnist_test: Metrics
+
+
+class Models(_Document):
+    baseline: ModelResult
+    vat: ModelResult
+
+
+SettingValue = str | bool | int | float | None | list[str | bool | int | float]
+
+
+def _report_settings(values: dict[str, SettingValue]) -> dict[str, SettingValue]:
+    """The settings a report records: every one kept (collect shows and groups by them, as plain JSON values);
+    those collect computes with must have their types."""
+    group = values.get("run_group")
+    if group is not None and not (isinstance(group, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", group)):
+        raise ValueError("run_group is not a group name")
+    for name in ("label_split_seed", "seed", "train_steps"):
+        if values.get(name) is not None and (type(values[name]) is not int):
+            raise ValueError(f"{name} is not an integer")
+    return values
+
+
+class Report(_Document):
+    """report.json as collect, trend and promotion read it back."""
+
+    run_id: RunId
+    group: Group | None = None  # reports before version 2 have none
+    created_at: Annotated[AwareDatetime, Field(strict=True)]  # an ISO 8601 string; 1 is not a time
+    settings: Annotated[dict[str, SettingValue], AfterValidator(_report_settings)]
+    models: Models
+
+
+class ManifestEntry(_Document):
+    size: Size
+    sha256: Sha256
+
+
+class Manifest(_Document):
+    run_id: str = Field(max_length=200)  # compared with the run's id by the reader, who names the difference
+    files: dict[RelativeName, ManifestEntry]
+
+
+class PointerFile(_Document):
+    key: str = Field(min_length=1, max_length=1024)
+    size: Size
+    sha256: Sha256
+
+
+class PointerFiles(_Document):
+    model: PointerFile = Field(alias="model.pt")
+    report: PointerFile = Field(alias="report.json")
+
+    def named(self) -> dict[str, PointerFile]:
+        """File name in the destination folder -> where it is in the bucket (the names are this schema's own)."""
+        return {"model.pt": self.model, "report.json": self.report}
+
+
+class PreviousPromotion(_Document):
+    run_id: RunId
+    accuracy: Fraction
+
+
+class Pointer(_Document):
+    """pointer.json of a promotion slot."""
+
+    run_id: RunId
+    group: Group | None = None
+    created_at: str | None = Field(default=None, max_length=64)
+    promoted_at: str | None = Field(default=None, max_length=64)
+    metric: str = Field(max_length=100)
+    accuracy: Fraction
+    files: PointerFiles
+    previous: PreviousPromotion | None = None
+
+
+LEASE_MAX_S = 3600.0  # an hour without renewal; longer would lock a run out for a night after a crash
+
+
+class Lease(_Document):
+    """A run's lease object (job/lock.py): who holds it and for how long it lives without renewal."""
+
+    host: str = Field(default="?", max_length=255)
+    pid: int | None = Field(default=None, ge=0, le=2**31)
+    token: str | None = Field(default=None, max_length=64)
+    lease_s: Annotated[float, Field(gt=0, le=LEASE_MAX_S), AfterValidator(_finite)]
+
+
+Doc = TypeVar("Doc", bound=BaseModel)
+
+
+def parse(body: bytes | str, schema: type[Doc], what: str) -> Doc:
+    """`body` as a `schema` document, or Untrusted("<what> ..."): too large, not JSON (nested too deep
+    included), or a field missing, of the wrong type or out of range (its location named, never its value)."""
+    if len(body) > MAX_DOCUMENT_BYTES:
+        raise Untrusted(f"{what} is larger than {MAX_DOCUMENT_BYTES // 2**20} MiB")
+    try:
+        return schema.model_validate_json(body)  # pydantic's parser bounds nesting depth (no RecursionError)
+    except ValidationError as error:
+        first = error.errors(include_url=False, include_input=False)[0]
+        if first["type"] in ("json_invalid", "json_type"):
+            raise Untrusted(f"{what} is not valid JSON (truncated?)") from None
+        where = ".".join(str(part) for part in first["loc"]) or "the document"
+        raise Untrusted(f"{what}: {where}: {first['msg']}") from None
+
+
+def parse_time(text: str) -> datetime | None:
+    """An ISO 8601 time with a zone, or None."""
+    try:
+        value = datetime.fromisoformat(text)
+    except (TypeError, ValueError):
+        return None
+    return value if value.tzinfo is not None else None

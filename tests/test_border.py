@@ -1,0 +1,233 @@
+"""Issue 22: the border (job/untrusted.py) under generated input. Every outside name, URL and JSON document goes
+through these functions, so their properties are checked on thousands of hostile values, not on a few examples."""
+
+import io
+import json
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from job import untrusted
+from job.untrusted import (
+    Lease,
+    Manifest,
+    Pointer,
+    Report,
+    Untrusted,
+    checked_url,
+    mask,
+    parse,
+    path_inside,
+    register_secret,
+)
+
+# Names built from what path tricks are made of: separators, dots, drive-like and control characters.
+PATHISH = st.lists(st.sampled_from(list("ab./\\:~\x00\x1f\n -_") + ["..", "/..", "%2e"]), max_size=20).map("".join)
+PLAIN_SEGMENT = st.text(alphabet=st.sampled_from(list("abcXYZ019-_")), min_size=1, max_size=8)
+SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@SETTINGS
+@given(name=st.one_of(PATHISH, st.text(max_size=40)))
+def test_path_inside_never_leaves_its_folder(tmp_path, name):
+    folder = tmp_path / "dl"
+    folder.mkdir(exist_ok=True)
+    target = path_inside(folder, name)
+    if target is not None:
+        resolved = target.resolve()
+        assert resolved.is_relative_to(folder.resolve()) and resolved != folder.resolve()
+        assert not any(part.startswith(".") for part in Path(name).parts), "hidden names are the job's own"
+
+
+@SETTINGS
+@given(parts=st.lists(PLAIN_SEGMENT, min_size=1, max_size=4))
+def test_path_inside_accepts_every_plain_relative_name(tmp_path, parts):
+    name = "/".join(parts)
+    assert path_inside(tmp_path, name) == tmp_path / name
+
+
+def test_path_inside_refuses_a_symbolic_link_that_points_away(tmp_path):
+    (tmp_path / "dl").mkdir()
+    (tmp_path / "dl" / "link").symlink_to(tmp_path)
+    assert path_inside(tmp_path / "dl", "link/escaped.txt") is None
+    assert path_inside(tmp_path / "dl", "/etc/passwd") is None and path_inside(tmp_path / "dl", "/../x") is None
+
+
+# Userinfo characters as RFC 3986 allows them (and "@", which real passwords hold and break naive masking).
+USERINFO_CHARS = st.sampled_from(list("abcdefXYZ0123456789-._~!$&'()+,;=:%@"))
+SECRET = st.text(alphabet=st.sampled_from(list("abcdefXYZ0123456789-_~!$&'()+,;=@")), min_size=6, max_size=24)
+
+
+@SETTINGS
+@given(
+    user=st.text(alphabet=USERINFO_CHARS, max_size=10),
+    secret=SECRET,
+    before=st.text(max_size=30),
+    after=st.sampled_from(["/", "/x.gz", ":9000/", "?a=1", "#f", " and more", "'", ""]),
+    scheme=st.sampled_from(["http", "https", "s3", "ftp"]),
+)
+def test_mask_removes_the_userinfo_of_anything_url_shaped(user, secret, before, after, scheme):
+    secret = secret.strip("@") or "s3cr3t!"
+    text = f"{before} {scheme}://{user}:{secret}@host.example{after}"
+    masked = mask(text)
+    assert f":{secret}@" not in masked
+    assert "***@host.example" in masked
+
+
+@SETTINGS
+@given(secret=SECRET, around=st.lists(st.text(max_size=20), min_size=1, max_size=4))
+def test_a_registered_secret_is_masked_wherever_it_appears(secret, around):
+    register_secret(secret)
+    text = secret.join(around) + secret
+    nested = {"k": [text, (text,)], text: 1}
+    assert secret not in mask(text)
+    assert secret not in json.dumps(mask(nested))
+
+
+@SETTINGS
+@given(value=st.one_of(st.text(max_size=60), PATHISH, st.from_regex(r"[a-z]{2,6}://[^\s]{0,30}", fullmatch=True)))
+def test_checked_url_accepts_only_http_urls_with_a_host_and_never_echoes_a_password(value):
+    try:
+        assert checked_url(value) == value
+    except ValueError as error:
+        message = str(error)
+        password = value.partition("://")[2].rpartition("@")[0].partition(":")[2]
+        if len(password) >= untrusted.MIN_SECRET_LENGTH and "@" in value:
+            assert f":{password}@" not in message
+        return
+    assert value.lower().startswith(("http://", "https://"))
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["127.0.0.1:5055", "user:secret@127.0.0.1:9", "http://h:99999/", "http:///path", "file:///etc/passwd", ""],
+)
+def test_checked_url_refuses(value):
+    with pytest.raises(ValueError):
+        checked_url(value)
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=5),
+    max_leaves=30,
+)
+METRICS = {"accuracy": 0.99, "macro_f1": 0.98}
+GOOD = {
+    Report: {
+        "run_id": "r1",
+        "created_at": "2026-11-30T02:00:00+00:00",
+        "settings": {"run_group": "g", "label_split_seed": 1, "mnist_mirrors": ["https://m/"]},
+        "models": {m: {"seeded_test": METRICS, "mnist_test": METRICS} for m in ("baseline", "vat")},
+    },
+    Manifest: {"run_id": "r1", "files": {"vat/model.pt": {"size": 3, "sha256": "a" * 64}}},
+    Pointer: {
+        "run_id": "r1",
+        "metric": "vat.mnist_test.accuracy",
+        "accuracy": 0.99,
+        "files": {
+            n: {"key": "p/latest/runs/r1/" + n, "size": 3, "sha256": "b" * 64} for n in ("model.pt", "report.json")
+        },
+    },
+    Lease: {"host": "node-a", "pid": 7, "token": "t", "lease_s": 120.0},
+}
+
+
+def _mutations(document):
+    """The document with one field at a time replaced by a hostile value (recursively)."""
+    hostile = [None, "x", -1, 1e308, [], {}, "NaN", True, "../../etc", "z" * 300]
+    if isinstance(document, dict):
+        for key, value in document.items():
+            for bad in hostile:
+                yield {**document, key: bad}
+            for inner in _mutations(value):
+                yield {**document, key: inner}
+            yield {k: v for k, v in document.items() if k != key}
+
+
+@pytest.mark.parametrize("schema", list(GOOD), ids=lambda s: s.__name__)
+def test_every_schema_reads_its_own_documents_and_every_mutation_is_a_document_or_an_untrusted(schema):
+    assert parse(json.dumps(GOOD[schema]), schema, "doc") is not None
+    for mutated in _mutations(GOOD[schema]):
+        try:
+            parse(json.dumps(mutated), schema, "doc")
+        except Untrusted as error:
+            assert "\n" not in str(error) and str(error).startswith("doc")
+
+
+@SETTINGS
+@given(value=JSON, schema=st.sampled_from(list(GOOD)))
+def test_arbitrary_json_is_a_document_or_an_untrusted_never_a_crash(value, schema):
+    try:
+        body = json.dumps(value)
+    except ValueError:
+        return
+    try:
+        parse(body, schema, "doc")
+    except Untrusted:
+        pass
+
+
+@SETTINGS
+@given(body=st.binary(max_size=200), schema=st.sampled_from(list(GOOD)))
+def test_arbitrary_bytes_are_a_document_or_an_untrusted(body, schema):
+    try:
+        parse(body, schema, "doc")
+    except Untrusted:
+        pass
+
+
+def test_json_nested_100000_deep_and_non_finite_numbers_are_refused_in_one_line():
+    deep = "[" * 100_000 + "]" * 100_000
+    for schema in GOOD:
+        with pytest.raises(Untrusted, match="not valid JSON"):
+            parse(deep, schema, "doc")
+    nan = json.loads(json.dumps(GOOD[Pointer]))
+    for bad in ("NaN", "Infinity", '"0.99"', "1.5"):
+        body = json.dumps(nan).replace('"accuracy": 0.99', f'"accuracy": {bad}')
+        with pytest.raises(Untrusted, match="accuracy"):
+            parse(body, Pointer, "pointer.json")
+    with pytest.raises(Untrusted, match="larger than"):
+        parse(b" " * (untrusted.MAX_DOCUMENT_BYTES + 1), Lease, "lease")
+
+
+def test_a_pointer_must_name_both_files_and_a_report_its_models():
+    empty = {**GOOD[Pointer], "files": {}}
+    with pytest.raises(Untrusted, match="files"):
+        parse(json.dumps(empty), Pointer, "pointer.json")
+    for shape in ({"models": []}, {"settings": [1]}, {"created_at": 1}, {"created_at": "zzzz"}):
+        with pytest.raises(Untrusted):
+            parse(json.dumps({**GOOD[Report], **shape}), Report, "report.json")
+
+
+@pytest.mark.parametrize("log_format", ["json", "console"])
+def test_a_traceback_that_quotes_a_secret_is_masked_in_both_log_formats(log_format):
+    from job import logs
+
+    register_secret("tr4ceback-secret")
+    stream = io.StringIO()
+    logs.configure_logging(log_format, "info", stream=stream)
+    try:
+        raise ValueError("nonnumeric port: 'tr4ceback-secret@127.0.0.1' from https://u:p4ss-word-9@h/")
+    except ValueError:
+        logs.get_logger().exception("internal_error")
+    logs.configure_logging("json", "info")
+    text = stream.getvalue()
+    assert "internal_error" in text and "ValueError" in text
+    assert "tr4ceback-secret" not in text and "p4ss-word-9" not in text
+
+
+def test_an_uncaught_exception_prints_a_masked_traceback():
+    import subprocess
+    import sys
+
+    code = (
+        "from job import logs; from job.untrusted import register_secret; register_secret('uncaught-s3cret'); "
+        "logs.configure_logging('json', 'info'); raise RuntimeError('https://u:uncaught-s3cret@h/ failed')"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ))
+    assert result.returncode == 1 and "RuntimeError" in result.stderr
+    assert "uncaught-s3cret" not in result.stderr + result.stdout
