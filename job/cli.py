@@ -13,6 +13,12 @@ Exit codes (documented in the README):
   7  run locked: another job is writing the same run id (this machine, or a node sharing the bucket)
   8  verification failed (collect --download): the run's files do not match its manifest, or keys were unsafe
   9  disk full: the run folder could not be written (no space or quota); what was written before is kept
+ 10  no GPU visible: VAT_DEVICE=cuda, but this node shows the process no CUDA device (a fault of the node more
+     often than of the settings); another node may have a working one
+
+On Kubernetes (every podFailurePolicy in k8s/ follows FAIL_JOB and RETRIED below; tests/test_deploy.py checks):
+2 and 6 fail the Job at once (a sweep: that seed only), since a retry cannot help; 10 is retried on a new pod,
+which the scheduler places afresh; the others are retried within the Job's backoffLimit.
 """
 
 from __future__ import annotations
@@ -36,6 +42,10 @@ EXIT_GATE_REFUSED = 6
 EXIT_LOCKED = 7
 EXIT_UNVERIFIED = 8
 EXIT_DISK_FULL = 9
+EXIT_NO_GPU = 10
+
+FAIL_JOB = (EXIT_CONFIG, EXIT_GATE_REFUSED)  # podFailurePolicy FailJob (FailIndex in a sweep): a retry cannot help
+RETRIED = (EXIT_NO_GPU,)  # podFailurePolicy Count: a new pod, another node with luck
 
 USAGE = """usage: vat-job            run the job (settings from VAT_* environment variables, see .env.example)
        vat-job collect    list runs in the bucket (see vat-job collect --help)"""
@@ -88,6 +98,7 @@ def run() -> int:
     # Imported here so that `vat-job --help` and settings errors answer without loading torch.
     from job.checkpoint import ResumeMismatch
     from job.data import DataError
+    from job.device import NoGpuVisible
     from job.layout import DiskFull
     from job.lock import RunLocked
     from job.promote import GateRefused
@@ -115,6 +126,9 @@ def run() -> int:
     except GateRefused as error:
         log.error("quality_gate_refused", message=str(error), exit_code=EXIT_GATE_REFUSED, **error.verdict)
         return EXIT_GATE_REFUSED
+    except NoGpuVisible as error:
+        log.error("no_gpu_visible", message=str(error), exit_code=EXIT_NO_GPU)
+        return EXIT_NO_GPU
     except DataError as error:
         log.error("data_error", message=str(error), exit_code=EXIT_DATA)
         return EXIT_DATA

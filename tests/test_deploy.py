@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from job.cli import EXIT_CONFIG
 from job.settings import Settings
 from tests.conftest import REPO
 
@@ -150,32 +149,48 @@ def test_nothing_applied_creates_a_job_and_nothing_starts_everything_at_once(bui
     assert "Secret" not in builds["all-components"].read_text(), "the example Secret is never applied"
 
 
-def test_pod_failure_policies(builds):
-    from job.cli import EXIT_GATE_REFUSED
-
+def failure_policies(builds) -> dict[str, dict]:
+    """Each rendered Job spec by name: the nightly's jobTemplate, the one-off, the sweep."""
     specs = {name: job for name, job, _ in pod_specs(documents(builds["nightly"].read_text()))}
     for name in CREATED:
         specs[name] = documents(builds[name].read_text())[0]["spec"]
-    for name, job in specs.items():
+    return specs
+
+
+def test_pod_failure_policies_follow_the_exit_codes_of_the_cli(builds):
+    from job.cli import FAIL_JOB, RETRIED
+
+    for name, job in failure_policies(builds).items():
         rules = job["podFailurePolicy"]["rules"]
         assert job["podReplacementPolicy"] == "Failed", "never two pods writing one run"
         ignore = [r for r in rules if r["action"] == "Ignore"]
         assert ignore[0]["onPodConditions"] == [{"type": "DisruptionTarget", "status": "True"}], name
-        exits = {
-            r["action"]: r["onExitCodes"]["values"] for r in rules if "onExitCodes" in r and r["action"] != "Ignore"
-        }
-        if name == "sweep":
-            assert job["backoffLimitPerIndex"] and exits == {"FailIndex": [EXIT_CONFIG]}, (
-                "one seed's exit 2 fails it alone"
-            )
-        else:
-            fail = [r["onExitCodes"]["values"] for r in rules if r["action"] == "FailJob"]
-            assert [EXIT_CONFIG] in fail, name
-    for name in ("vat-job-nightly", "one-off"):
-        fail = [
-            r["onExitCodes"]["values"] for r in specs[name]["podFailurePolicy"]["rules"] if r["action"] == "FailJob"
-        ]
-        assert fail == [[EXIT_CONFIG], [EXIT_GATE_REFUSED]], "a refused gate fails the Job at once, in its own rule"
+        exits = [(r["action"], r["onExitCodes"]["values"]) for r in rules if "onExitCodes" in r]
+        fail = "FailIndex" if name == "sweep" else "FailJob"  # a sweep: that seed fails alone, the others go on
+        assert name != "sweep" or job["backoffLimitPerIndex"]
+        assert [values for action, values in exits if action == fail] == [[code] for code in FAIL_JOB], (
+            f"{name}: each code that a retry cannot help fails at once, in its own rule"
+        )
+        assert [values for action, values in exits if action == "Count"] == [list(RETRIED)], name
+        assert {action for action, _ in exits} == {fail, "Count"}, name
+
+
+def test_the_exit_codes_agree_in_the_cli_its_docstring_and_the_readme():
+    """With test_pod_failure_policies_follow_the_exit_codes_of_the_cli: README, cli.py and every manifest agree."""
+    import job.cli as cli
+
+    codes = {value for name, value in vars(cli).items() if name.startswith("EXIT_")}
+    documented = {int(m[1]) for m in re.finditer(r"^\s{1,2}(\d{1,2})  \S", cli.__doc__, flags=re.M)}
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Exit codes") :]
+    section = section[: section.index("\n## ")]
+    rows = {int(m[1]) for m in re.finditer(r"^\| (\d+) \|", section, flags=re.M)}
+    assert codes == documented == rows, "every exit code in the constants, the docstring and README's table"
+    assert cli.EXIT_NO_GPU not in cli.FAIL_JOB and cli.EXIT_CONFIG in cli.FAIL_JOB, "a bad node is not a bad setting"
+    for text in (cli.__doc__, section):  # the sentence on Kubernetes, in the docstring and under README's table
+        said = " ".join(text.split())
+        assert f"{' and '.join(map(str, cli.FAIL_JOB))} fail the Job at once" in said
+        assert f"{' and '.join(map(str, cli.RETRIED))} is retried on a new pod" in said
 
 
 def test_pods_are_restricted_need_only_the_gpu_limit_and_toleration_and_take_optional_credentials(builds):
