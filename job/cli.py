@@ -26,8 +26,10 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from job import logs
 from job.settings import ConfigError, load_settings
@@ -90,6 +92,27 @@ def run() -> int:
     logs.configure_logging(settings.log_format, settings.log_level)
     logs.bind_run(settings.run_id)
     log = logs.get_logger()
+    began = time.monotonic()
+    ended: dict[str, Any] = {}  # what the run leaves for its end: its report, the gate's refusal
+    code = run_to_exit_code(settings, log, ended)
+    if code == EXIT_GATE_REFUSED:
+        write_termination_message(settings.termination_message_path, f"quality gate refused: {ended['refusal']}")
+    if settings.pushgateway_url:
+        from job import metrics
+
+        verdict = gate_verdict(code, gated=bool(settings.promote_to))
+        metrics.push_run(settings, code, verdict, ended.get("report"), time.monotonic() - began, log)
+    return code
+
+
+def gate_verdict(code: int, gated: bool) -> str:
+    """promoted (a gated run that exits 0: promoted now, or by an earlier pod of the same run), refused, not_gated."""
+    if code == EXIT_GATE_REFUSED:
+        return "refused"
+    return "promoted" if gated and code == EXIT_OK else "not_gated"
+
+
+def run_to_exit_code(settings: Any, log: Any, ended: dict[str, Any]) -> int:
     unwritable = output_dir_problem(settings.output_dir)
     if unwritable:
         log.error("config_error", message=unwritable, exit_code=EXIT_CONFIG)
@@ -109,7 +132,7 @@ def run() -> int:
     stop = StopFlag()
     stop.install()
     try:
-        run_job(settings, stop, log)
+        ended["report"] = run_job(settings, stop, log)
         return EXIT_OK
     except (ConfigError, ResumeMismatch) as error:
         log.error("config_error", message=str(error), exit_code=EXIT_CONFIG)
@@ -125,6 +148,7 @@ def run() -> int:
         return EXIT_STORAGE
     except GateRefused as error:
         log.error("quality_gate_refused", message=str(error), exit_code=EXIT_GATE_REFUSED, **error.verdict)
+        ended["refusal"] = str(error)
         return EXIT_GATE_REFUSED
     except NoGpuVisible as error:
         log.error("no_gpu_visible", message=str(error), exit_code=EXIT_NO_GPU)
@@ -167,6 +191,16 @@ def run() -> int:
         return EXIT_INTERNAL
     finally:
         logs.close_run_log()
+
+
+def write_termination_message(path: Path, message: str) -> None:
+    """Kubernetes shows this file's text as the container's termination message (`kubectl describe pod`, at most
+    4,096 bytes); where it does not exist (docker, a laptop) nothing is written."""
+    try:
+        if path.is_file() and os.access(path, os.W_OK):
+            path.write_bytes(message.encode()[:4096])
+    except OSError:
+        pass  # a message for people, never a reason to change the exit code
 
 
 def output_dir_problem(folder: Path) -> str | None:

@@ -154,6 +154,10 @@ class Settings(BaseSettings):
     promote_min_accuracy: float = Field(default=0.95, ge=0, le=1)
     promote_max_regression: float = Field(default=0.005, ge=0, le=1)
 
+    pushgateway_url: str | None = Field(default=None, pattern=r"^https?://[^/\s]+")  # metrics, at the end of a run
+    pushgateway_timeout_s: float = Field(default=5.0, gt=0, le=60)
+    termination_message_path: Path = Path("/dev/termination-log")  # the reason a Kubernetes pod failed
+
     @model_validator(mode="before")
     @classmethod
     def _apply_preset(cls, data: Any) -> Any:

@@ -214,6 +214,8 @@ def test_pods_are_restricted_need_only_the_gpu_limit_and_toleration_and_take_opt
         assert container["image"].startswith("registry.example.com/"), "the image comes from k8s/site"
         secret = next(e["secretRef"] for e in container["envFrom"] if "secretRef" in e)
         assert secret["optional"] is True, "credentials may come from the pod's cloud identity instead"
+        assert container["terminationMessagePath"] == "/dev/termination-log", "the gate's reason (job/cli.py)"
+        assert container["terminationMessagePolicy"] == "FallbackToLogsOnError", "else the last log lines"
         mounts = {m["mountPath"] for m in container["volumeMounts"]}
         assert mounts == {"/tmp", "/output", "/data"}, "writable paths for a read-only root; no unused /dev/shm"
         env = env_of(pod)
