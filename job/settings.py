@@ -19,7 +19,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from job.logs import redact
-from job.runid import RUN_ID_PATTERN, generate_run_id, kubernetes_run_id
+from job.runid import RUN_ID_PATTERN, cronjob_group, generate_run_id, kubernetes_run_id
 
 ENV_PREFIX = "VAT_"
 
@@ -259,6 +259,13 @@ class Settings(BaseSettings):
         for name, value in self.model_dump(mode="json").items():
             out[name] = "***" if re.search(r"secret|password|token|key", name) else redact(value)
         return out
+
+    @model_validator(mode="before")  # defined last, so it runs first: the run id is derived from the group
+    @classmethod
+    def _group_from_a_cronjobs_job(cls, data: Any) -> Any:  # its real name, whatever an overlay's namePrefix made
+        if isinstance(data, dict) and data.get("job_name") and data.get("run_group") == data["job_name"]:
+            data["run_group"] = cronjob_group(str(data["job_name"]))  # <cronjob>-<digits> -> <cronjob>
+        return data
 
 
 def env_name(field: str) -> str:

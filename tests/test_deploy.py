@@ -1,33 +1,24 @@
 """The container image and Kubernetes manifests, checked offline (no Docker engine, no cluster)."""
 
+import json
 import os
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from job.settings import Settings
-from tests.conftest import REPO
+from tests.conftest import REPO, moto_on_loopback, tool, unavailable
 
 K8S = REPO / "k8s"
 MANIFESTS = sorted(K8S.rglob("*.yaml"))
-TOOLS = Path(sys.executable).parent
 APPLIED = ("settings", "nightly")  # kubectl apply -k: safe to re-apply, create no Job
 CREATED = ("one-off", "sweep")  # kubectl create with a generated name, never applied
 COMPONENTS = sorted(p.name for p in (K8S / "components").iterdir())
 # What README's commands do to a one-off or sweep before `kubectl create`: metadata.name becomes generateName.
 TO_GENERATE_NAME = '[{"op":"move","from":"/metadata/name","path":"/metadata/generateName"}]'
-
-
-def tool(name: str) -> str:
-    found = shutil.which(name, path=str(TOOLS)) or shutil.which(name)
-    if not found:
-        pytest.skip(f"{name} is not installed")
-    return found
 
 
 def documents(path_or_text) -> list[dict]:
@@ -115,7 +106,7 @@ def builds(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_the_minimum_version_is_one_the_validator_knows_and_the_range_reaches_its_newest():
-    versions = validator_versions() or pytest.skip("kubernetes-validate is not installed")
+    versions = validator_versions() or unavailable("kubernetes-validate is not installed")
     assert versions[0] == f"1.{minimum_kubernetes_version()[1]}.0"
     assert len(versions) >= 2
 
@@ -254,21 +245,69 @@ def test_the_three_pod_templates_differ_only_in_their_role(builds):
     assert all(t == first for t in rest), "change the pod in all three manifests"
 
 
-def test_run_identity_and_groups_from_the_manifests(builds):
-    from job.runid import kubernetes_run_id
+JOB_NAME_LABEL = "metadata.labels['batch.kubernetes.io/job-name']"
+JOB_UID_LABEL = "metadata.labels['batch.kubernetes.io/controller-uid']"
 
+
+def settings_in(pod: dict, job_name: str, monkeypatch, job_uid: str = "0123abcd-ffff"):
+    """The settings a container of this pod template loads in a Job named job_name: the ConfigMap's (envFrom), then
+    its env with the downward API's values."""
+    from job.settings import load_settings
+
+    downward = {JOB_NAME_LABEL: job_name, JOB_UID_LABEL: job_uid}
+    for name in [n for n in os.environ if n.startswith("VAT_")]:
+        monkeypatch.delenv(name)
+    (config,) = documents(K8S / "settings" / "configmap.yaml")
+    for name, value in config["data"].items():
+        if name.startswith("VAT_"):
+            monkeypatch.setenv(name, value)
+    for entry in pod["containers"][0]["env"]:
+        value = entry["value"] if "value" in entry else downward[entry["valueFrom"]["fieldRef"]["fieldPath"]]
+        monkeypatch.setenv(entry["name"], value)
+    return load_settings(env_file=None)
+
+
+def test_run_identity_and_groups_from_the_manifests(builds, monkeypatch):
     (cron,) = [d for d in documents(builds["nightly"].read_text()) if d["kind"] == "CronJob"]
     _, _, pod = pod_specs([cron])[0]
     env = env_of(pod)
-    assert env["VAT_RUN_GROUP"] == cron["metadata"]["name"], "the CronJob's name is its runs' group"
+    assert env["VAT_RUN_GROUP"] == {"fieldRef": {"fieldPath": JOB_NAME_LABEL}}, "from the Job, not a literal"
     assert env["VAT_PROMOTE_TO"] == "latest"
-    scheduled = kubernetes_run_id(f"{cron['metadata']['name']}-29930520", "0123abcd-ffff", env["VAT_RUN_GROUP"])
-    assert scheduled.startswith("20261128T0200Z-vat-job-nightly-0123abcd")
-    sweep = env_of(documents(builds["sweep"].read_text())[0]["spec"]["template"]["spec"])
-    assert "batch.kubernetes.io/job-name" in sweep["VAT_RUN_GROUP"]["fieldRef"]["fieldPath"], "a sweep's group"
-    assert sweep["VAT_LABEL_SPLIT_SEED_FROM_INDEX"] == "true"
+    scheduled = settings_in(pod, f"{cron['metadata']['name']}-29930520", monkeypatch)
+    assert scheduled.run_group == "vat-job-nightly", "the CronJob's name is its runs' group"
+    assert scheduled.run_id == "20261128T0200Z-vat-job-nightly-0123abcd"
+    sweep = documents(builds["sweep"].read_text())[0]["spec"]["template"]["spec"]
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "2")
+    assert settings_in(sweep, "vat-sweep-q9w8e", monkeypatch).run_group == "vat-sweep-q9w8e", "a sweep's own name"
+    assert env_of(sweep)["VAT_LABEL_SPLIT_SEED_FROM_INDEX"] == "true"
     one_off = env_of(documents(builds["one-off"].read_text())[0]["spec"]["template"]["spec"])
-    assert one_off["VAT_RUN_GROUP"] == "one-off" and "VAT_PROMOTE_TO" not in one_off and "VAT_PROMOTE_TO" not in sweep
+    assert one_off["VAT_RUN_GROUP"] == "one-off" and "VAT_PROMOTE_TO" not in one_off
+    assert "VAT_PROMOTE_TO" not in env_of(sweep)
+
+
+def test_the_nightly_group_follows_the_cronjobs_name_under_an_overlay_with_a_name_prefix(tmp_path, monkeypatch):
+    """Two teams sharing a bucket keep their own groups (and promoted-model history): the group is not a literal."""
+    overlay = tmp_path / "team-a"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "namePrefix": "team-a-",
+                "resources": [os.path.relpath(K8S / "nightly", overlay)],
+            }
+        )
+    )
+    (cron,) = [d for d in documents(build(overlay)) if d["kind"] == "CronJob"]
+    name = cron["metadata"]["name"]
+    assert name == "team-a-vat-job-nightly"
+    _, _, pod = pod_specs([cron])[0]
+    scheduled = settings_in(pod, f"{name}-29930520", monkeypatch)  # what the CronJob controller names its Job
+    assert (scheduled.run_group, scheduled.run_id) == (name, "20261128T0200Z-team-a-vat-job-nightly-0123abcd")
+    # By hand, as the README does it: kubectl create job "team-a-vat-job-nightly-$(date -u +%Y%m%d%H%M%S)" --from=...
+    by_hand = settings_in(pod, f"{name}-20261129153000", monkeypatch)
+    assert (by_hand.run_group, by_hand.run_id) == (name, f"{name}-20261129153000-0123abcd")
 
 
 def test_every_vat_variable_the_manifests_set_is_a_real_setting():
@@ -281,20 +320,70 @@ def test_every_vat_variable_the_manifests_set_is_a_real_setting():
 def test_optional_components_patch_jobs_and_the_cronjob(builds):
     specs = pod_specs(documents(builds["all-components"].read_text()))
     assert len(specs) == 3
-    for _, _, pod in specs:
-        assert pod["runtimeClassName"] == "nvidia" and pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    gfd = {"key": "nvidia.com/gpu.count", "operator": "Exists"}  # a label GFD itself sets (not the GPU Operator)
+    for _, job, pod in specs:
+        assert pod["runtimeClassName"] == "nvidia" and "nodeSelector" not in pod
+        terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+        assert terms == [{"matchExpressions": [gfd]}]
         assert pod["containers"][0]["resources"]["limits"]["nvidia.com/mig-1g.18gb"] == 1
         assert "nvidia.com/gpu" not in pod["containers"][0]["resources"]["limits"], "a slice instead of a GPU"
+        assert job["suspend"] is True, "Kueue starts the Job once admitted"
     for doc in documents(builds["all-components"].read_text()):
         meta = {"Job": lambda d: d["metadata"], "CronJob": lambda d: d["spec"]["jobTemplate"]["metadata"]}
         if doc["kind"] in meta:
             assert meta[doc["kind"]](doc)["labels"]["kueue.x-k8s.io/queue-name"], doc["kind"]
+    assert "nvidia.com/gpu.present" not in builds["all-components"].read_text(), "set by the GPU Operator only"
+
+
+def test_the_settings_send_only_s3_to_the_endpoint_and_take_no_credentials_from_the_node(builds):
+    (config,) = [d for d in documents(builds["nightly"].read_text()) if d["kind"] == "ConfigMap"]
+    data = config["data"]
+    assert "AWS_ENDPOINT_URL_S3" in data and "AWS_ENDPOINT_URL" not in data, "the global one redirects STS (IRSA)"
+    assert data["AWS_EC2_METADATA_DISABLED"] == "true"
+
+
+def test_without_credentials_the_configmaps_variables_keep_boto3_away_from_the_instance_metadata_service(
+    builds, monkeypatch, tmp_path
+):
+    """A missing Secret must not fall back to the node's role: boto3 never asks the metadata service."""
+    import http.server
+    import threading
+
+    import boto3
+
+    (config,) = [d for d in documents(builds["nightly"].read_text()) if d["kind"] == "ConfigMap"]
+    asked = []
+
+    class MetadataService(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            asked.append(self.path)
+            self.send_error(404)
+
+        do_PUT = do_GET  # noqa: N815  (IMDSv2's token request)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), MetadataService)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    for name in [n for n in os.environ if n.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", f"http://127.0.0.1:{server.server_port}/")
+    try:
+        for name, value in config["data"].items():
+            if name.startswith("AWS_"):
+                monkeypatch.setenv(name, value)
+        assert boto3.Session().get_credentials() is None and asked == [], "the pod's settings: no metadata service"
+        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "false")  # what "false" turns back on
+        assert boto3.Session().get_credentials() is None and asked, "the check above would have seen a request"
+    finally:
+        server.shutdown()
 
 
 def test_readmes_resume_of_a_sweep_seed_continues_that_run_in_the_sweeps_group(builds, monkeypatch):
     """README, "Resume after the retries ran out": a one-off with kubectl set env --local VAT_RUN_ID, group, seed."""
-    from job.settings import load_settings
-
     run_id, sweep = "vat-sweep-q9w8e-3f2a9c1d-2", "vat-sweep-q9w8e"
     resumed = subprocess.run(
         [tool("kubectl"), "set", "env", "--local", "-f", "-", "-o", "yaml"]
@@ -308,11 +397,23 @@ def test_readmes_resume_of_a_sweep_seed_continues_that_run_in_the_sweeps_group(b
     assert "generateName" in job["metadata"], "still created with a new name"
     entries = job["spec"]["template"]["spec"]["containers"][0]["env"]
     assert len({e["name"] for e in entries}) == len(entries), "set env replaces, never duplicates a variable"
-    downward = {"VAT_JOB_NAME": "vat-job-one-off-b7x2k", "VAT_JOB_UID": "99999999-0000"}
-    for name in [n for n in os.environ if n.startswith("VAT_")]:
-        monkeypatch.delenv(name)
-    for entry in entries:
-        monkeypatch.setenv(entry["name"], entry["value"] if "value" in entry else downward[entry["name"]])
-    settings = load_settings(env_file=None)
+    settings = settings_in(job["spec"]["template"]["spec"], "vat-job-one-off-b7x2k", monkeypatch, "99999999-0000")
     # What the sweep's pod 2 had: the same run, group and label seed (1+2), so it resumes instead of exiting 2.
     assert (settings.run_id, settings.run_group, settings.label_split_seed) == (run_id, sweep, 3)
+
+
+def test_the_example_lifecycle_rule_is_accepted_by_an_s3_server_and_spares_the_promoted_model(builds):
+    """docs/operations.md, "Retention": old runs expire, the promoted copies (outside runs/) never do."""
+    text = (REPO / "docs" / "operations.md").read_text()
+    retention = text[text.index("## Retention") :]
+    lifecycle = json.loads(retention.split("```json", 1)[1].split("```", 1)[0])
+    (config,) = [d for d in documents(builds["nightly"].read_text()) if d["kind"] == "ConfigMap"]
+    (cron,) = [d for d in documents(builds["nightly"].read_text()) if d["kind"] == "CronJob"]
+    prefix, promoted = config["data"]["VAT_S3_PREFIX"], env_of(pod_specs([cron])[0][2])["VAT_PROMOTE_TO"]
+    expiring = [rule["Filter"]["Prefix"] for rule in lifecycle["Rules"] if "Expiration" in rule]
+    assert expiring == [f"{prefix}/runs/"], "only the runs"
+    assert not f"{prefix}/{promoted}/runs/x/model.pt".startswith(expiring[0]), "the promoted copies stay"
+    with moto_on_loopback("vat-results") as s3:
+        s3["client"].put_bucket_lifecycle_configuration(Bucket="vat-results", LifecycleConfiguration=lifecycle)
+        stored = s3["client"].get_bucket_lifecycle_configuration(Bucket="vat-results")["Rules"]
+    assert [rule["ID"] for rule in stored] == [rule["ID"] for rule in lifecycle["Rules"]]
