@@ -1,13 +1,13 @@
 """The alerts on the job's metrics (k8s/monitoring/vat-job.rules.yml): promtool checks them and runs their unit
 tests; the PrometheusRule for the Prometheus Operator holds the same groups; the exit codes they name are the cli's."""
 
-import os
 import re
 import subprocess
 
 import yaml
 
 from tests.conftest import REPO, tool
+from tests.test_deploy import render_overlay
 
 MONITORING = REPO / "k8s" / "monitoring"
 RULES = MONITORING / "vat-job.rules.yml"
@@ -47,21 +47,8 @@ def test_the_prometheus_rule_holds_the_same_groups_as_the_rules_file(tmp_path):
     assert (rule["apiVersion"], rule["kind"]) == ("monitoring.coreos.com/v1", "PrometheusRule")
     assert rule["spec"] == yaml.safe_load(RULES.read_text()), "change both files"
     # The component adds it to the nightly (applied), not to one-off runs and sweeps (created again each time).
-    overlay = tmp_path / "with-alerts"
-    overlay.mkdir()
-    (overlay / "kustomization.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "kustomize.config.k8s.io/v1beta1",
-                "kind": "Kustomization",
-                "resources": [os.path.relpath(REPO / "k8s" / "nightly", overlay)],
-                "components": [os.path.relpath(COMPONENT, overlay)],
-            }
-        )
-    )
-    built = subprocess.run([tool("kubectl"), "kustomize", str(overlay)], capture_output=True, text=True, timeout=120)
-    assert built.returncode == 0, built.stderr
-    kinds = [doc["kind"] for doc in yaml.safe_load_all(built.stdout) if doc]
+    rendered = render_overlay(tmp_path / "with-alerts", [REPO / "k8s" / "nightly"], [COMPONENT])
+    kinds = [doc["kind"] for doc in yaml.safe_load_all(rendered) if doc]
     assert sorted(kinds) == ["ConfigMap", "CronJob", "PrometheusRule", "ServiceAccount"]
     assert "prometheus-rule" not in (REPO / "k8s" / "site" / "kustomization.yaml").read_text()
 

@@ -44,6 +44,16 @@ def build(directory: Path) -> str:
     return built.stdout
 
 
+def render_overlay(folder: Path, resources: list[Path], components: list[Path] = (), **fields) -> str:
+    """kubectl kustomize of an overlay made in folder: these resources and components, and other fields."""
+    folder.mkdir()
+    kustomization = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", **fields}
+    kustomization["resources"] = [os.path.relpath(path, folder) for path in resources]
+    kustomization["components"] = [os.path.relpath(path, folder) for path in components]
+    (folder / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    return build(folder)
+
+
 def as_created(rendered: str) -> str:
     """README's pipe for one-offs and sweeps: kubectl patch --local turns the name into a generateName prefix."""
     patched = subprocess.run(
@@ -88,20 +98,13 @@ def builds(tmp_path_factory) -> dict[str, Path]:
         text = build(K8S / name)
         files[name] = out / f"{name}.yaml"
         files[name].write_text(as_created(text) if name in CREATED else text)
-    overlay = out / "all-components"
-    overlay.mkdir()
-    (overlay / "kustomization.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "kustomize.config.k8s.io/v1beta1",
-                "kind": "Kustomization",
-                "resources": [os.path.relpath(K8S / name, overlay) for name in ("nightly", *CREATED)],
-                "components": [os.path.relpath(K8S / "components" / c, overlay) for c in COMPONENTS],
-            }
-        )
+    everything = render_overlay(
+        out / "all-components",
+        [K8S / name for name in ("nightly", *CREATED)],
+        [K8S / "components" / c for c in COMPONENTS],
     )
     files["all-components"] = out / "all-components.yaml"
-    files["all-components"].write_text(build(overlay))
+    files["all-components"].write_text(everything)
     return files
 
 
@@ -287,19 +290,8 @@ def test_run_identity_and_groups_from_the_manifests(builds, monkeypatch):
 
 def test_the_nightly_group_follows_the_cronjobs_name_under_an_overlay_with_a_name_prefix(tmp_path, monkeypatch):
     """Two teams sharing a bucket keep their own groups (and promoted-model history): the group is not a literal."""
-    overlay = tmp_path / "team-a"
-    overlay.mkdir()
-    (overlay / "kustomization.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "kustomize.config.k8s.io/v1beta1",
-                "kind": "Kustomization",
-                "namePrefix": "team-a-",
-                "resources": [os.path.relpath(K8S / "nightly", overlay)],
-            }
-        )
-    )
-    (cron,) = [d for d in documents(build(overlay)) if d["kind"] == "CronJob"]
+    rendered = render_overlay(tmp_path / "team-a", [K8S / "nightly"], namePrefix="team-a-")
+    (cron,) = [d for d in documents(rendered) if d["kind"] == "CronJob"]
     name = cron["metadata"]["name"]
     assert name == "team-a-vat-job-nightly"
     _, _, pod = pod_specs([cron])[0]
