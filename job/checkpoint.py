@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from job.layout import atomic_write_bytes
-from job.settings import IMPLICIT_BEFORE_ADDED
+from job.presets import IMPLICIT_BEFORE_ADDED
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)\.pt$")
 

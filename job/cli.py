@@ -13,14 +13,22 @@ Exit codes (documented in the README):
   7  run locked: another job is writing the same run id (this machine, or a node sharing the bucket)
   8  verification failed (collect --download): the run's files do not match its manifest, or keys were unsafe
   9  disk full: the run folder could not be written (no space or quota); what was written before is kept
+ 10  no GPU visible: VAT_DEVICE=cuda, but this node shows the process no CUDA device (a fault of the node more
+     often than of the settings); another node may have a working one
+
+On Kubernetes (every podFailurePolicy in k8s/ follows FAIL_JOB and RETRIED below; tests/test_deploy.py checks):
+2 and 6 fail the Job at once (a sweep: that seed only), since a retry cannot help; 10 is retried on a new pod,
+which the scheduler places afresh; the others are retried within the Job's backoffLimit.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from job import logs
 from job.layout import unwritable
@@ -36,6 +44,10 @@ EXIT_GATE_REFUSED = 6
 EXIT_LOCKED = 7
 EXIT_UNVERIFIED = 8
 EXIT_DISK_FULL = 9
+EXIT_NO_GPU = 10
+
+FAIL_JOB = (EXIT_CONFIG, EXIT_GATE_REFUSED)  # podFailurePolicy FailJob (FailIndex in a sweep): a retry cannot help
+RETRIED = (EXIT_NO_GPU,)  # podFailurePolicy Count: a new pod, another node with luck
 
 USAGE = """usage: vat-job            run the job (settings from VAT_* environment variables, see .env.example)
        vat-job collect    list runs in the bucket (see vat-job collect --help)"""
@@ -80,6 +92,27 @@ def run() -> int:
     logs.configure_logging(settings.log_format, settings.log_level)
     logs.bind_run(settings.run_id)
     log = logs.get_logger()
+    began = time.monotonic()
+    ended: dict[str, Any] = {}  # what the run leaves for its end: its report, the gate's refusal
+    code = run_to_exit_code(settings, log, ended)
+    if code == EXIT_GATE_REFUSED:
+        write_termination_message(settings.termination_message_path, f"quality gate refused: {ended['refusal']}")
+    if settings.pushgateway_url:
+        from job import metrics
+
+        verdict = gate_verdict(code, gated=bool(settings.promote_to))
+        metrics.push_run(settings, code, verdict, ended.get("report"), time.monotonic() - began, log)
+    return code
+
+
+def gate_verdict(code: int, gated: bool) -> str:
+    """promoted (a gated run that exits 0: promoted now, or by an earlier pod of the same run), refused, not_gated."""
+    if code == EXIT_GATE_REFUSED:
+        return "refused"
+    return "promoted" if gated and code == EXIT_OK else "not_gated"
+
+
+def run_to_exit_code(settings: Any, log: Any, ended: dict[str, Any]) -> int:
     unwritable = output_dir_problem(settings.output_dir)
     if unwritable:
         log.error("config_error", message=unwritable, exit_code=EXIT_CONFIG)
@@ -88,6 +121,7 @@ def run() -> int:
     # Imported here so that `vat-job --help` and settings errors answer without loading torch.
     from job.checkpoint import ResumeMismatch
     from job.data import DataError
+    from job.device import NoGpuVisible
     from job.layout import DiskFull
     from job.lock import RunLocked
     from job.promote import GateRefused
@@ -98,7 +132,7 @@ def run() -> int:
     stop = StopFlag()
     stop.install()
     try:
-        run_job(settings, stop, log)
+        ended["report"] = run_job(settings, stop, log)
         return EXIT_OK
     except (ConfigError, ResumeMismatch) as error:
         log.error("config_error", message=str(error), exit_code=EXIT_CONFIG)
@@ -114,7 +148,11 @@ def run() -> int:
         return EXIT_STORAGE
     except GateRefused as error:
         log.error("quality_gate_refused", message=str(error), exit_code=EXIT_GATE_REFUSED, **error.verdict)
+        ended["refusal"] = str(error)
         return EXIT_GATE_REFUSED
+    except NoGpuVisible as error:
+        log.error("no_gpu_visible", message=str(error), exit_code=EXIT_NO_GPU)
+        return EXIT_NO_GPU
     except DataError as error:
         log.error("data_error", message=str(error), exit_code=EXIT_DATA)
         return EXIT_DATA
@@ -153,6 +191,16 @@ def run() -> int:
         return EXIT_INTERNAL
     finally:
         logs.close_run_log()
+
+
+def write_termination_message(path: Path, message: str) -> None:
+    """Kubernetes shows this file's text as the container's termination message (`kubectl describe pod`, at most
+    4,096 bytes); where it does not exist (docker, a laptop) nothing is written."""
+    try:
+        if path.is_file() and os.access(path, os.W_OK):
+            path.write_bytes(message.encode()[:4096])
+    except OSError:
+        pass  # a message for people, never a reason to change the exit code
 
 
 def output_dir_problem(folder: Path) -> str | None:

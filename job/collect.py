@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from job.layout import MANIFEST, NO_SPACE, REPORT, DiskFull, unwritable
+from job.presets import IMPLICIT_BEFORE_ADDED
 from job.runid import RUN_ID_PATTERN
-from job.settings import IMPLICIT_BEFORE_ADDED, ConfigError, load_settings
+from job.settings import ConfigError, load_settings
 from job.storage import RunStore, StorageError, client_from_settings, list_run_ids
 from job.untrusted import Manifest, Report, Untrusted, mask, path_inside
 from job.verify import download_run, fetch_document_or_problem, manifest_problems
@@ -36,30 +37,15 @@ METRICS = [
     (m, t, k) for m in ("baseline", "vat") for t in ("seeded_test", "mnist_test") for k in ("accuracy", "macro_f1")
 ]
 # Settings that differ between runs without making them different experiments.
-NOT_CONFIGURATION = {
-    "run_id",
-    "seed",
-    "label_split_seed",
-    "output_dir",
-    "data_dir",
-    "log_format",
-    "log_level",
-    "log_every_s",
-    "s3_bucket",
-    "s3_prefix",
-    "s3_endpoint_url",
-    "mnist_mirrors",
-    "plots",
-    "label_split_seed_from_index",
-    "checkpoint_every",
-    "keep_checkpoints",
-    "run_group",
-    "job_name",
-    "job_uid",
-    "promote_to",
-    "promote_min_accuracy",
-    "promote_max_regression",
-}
+NOT_CONFIGURATION = set(
+    """
+    run_id seed label_split_seed output_dir data_dir log_format log_level log_every_s s3_bucket s3_prefix
+    s3_endpoint_url mnist_mirrors plots label_split_seed_from_index checkpoint_every keep_checkpoints run_group
+    job_name job_uid promote_to promote_min_accuracy promote_max_regression download_retries download_timeout_s
+    s3_addressing_style s3_checksums s3_max_attempts s3_connect_timeout_s s3_read_timeout_s s3_conditional_writes
+    lock_wait_s pushgateway_url pushgateway_timeout_s termination_message_path
+    """.split()
+)
 # Settings that name a run rather than describe it: never shown as "settings that differ".
 IDENTITY = {"run_id", "run_group", "job_name", "job_uid"}
 NO_GROUP = "(none)"  # reports written before runs had groups

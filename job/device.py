@@ -15,12 +15,18 @@ from typing import Any
 
 import torch
 
-from job.settings import ConfigError
+
+class NoGpuVisible(Exception):
+    """VAT_DEVICE=cuda, and this machine shows the process no CUDA device: a fault of the node (driver, runtime,
+    device plugin) more often than of the settings, so it has its own exit code, which Kubernetes retries."""
 
 
 def resolve_device(requested: str) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("VAT_DEVICE='cuda': no CUDA device is visible; use 'auto' or 'cpu', or run on a GPU node")
+        raise NoGpuVisible(
+            "VAT_DEVICE='cuda': no CUDA device is visible on this node; run on a node with a working GPU, "
+            "or set VAT_DEVICE to 'auto' or 'cpu'"
+        )
     if requested == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda")

@@ -42,3 +42,20 @@ def kubernetes_run_id(job_name: str, job_uid: str, group: str, index: str | None
     else:  # not a CronJob's Job (or a time no CronJob writes): the Job's own name
         run_id = f"{job_name}-{uid}"
     return run_id if index is None else f"{run_id}-{index}"
+
+
+# A Job made from a CronJob: scheduled, <cronjob>-<minutes> (8-10 digits); by hand, as the README does it,
+# <cronjob>-<UTC time as digits>.
+_FROM_CRONJOB = re.compile(r"^(?P<cronjob>.+)-\d{8,}$")
+
+
+def cronjob_group(job_name: str) -> str:
+    """The group of a Job's runs when VAT_RUN_GROUP is the Job's name (downward API): for a Job of a CronJob, the
+    CronJob's name, whatever an overlay's namePrefix made of it; any other Job (a sweep) is its own group.
+
+        team-a-vat-job-nightly-29412360       -> team-a-vat-job-nightly   (scheduled)
+        team-a-vat-job-nightly-20261129153000 -> team-a-vat-job-nightly   (by hand, README's command)
+        vat-sweep-q9w8e                       -> vat-sweep-q9w8e
+    """
+    scheduled = _FROM_CRONJOB.match(job_name)
+    return scheduled["cronjob"] if scheduled else job_name

@@ -18,43 +18,13 @@ from dotenv import dotenv_values
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
-from job.runid import RUN_ID_PATTERN, generate_run_id, kubernetes_run_id
-from job.untrusted import checked_url, mask, register_secret, register_url_secrets
+from job.presets import ARTICLE_PRESET
+from job.runid import RUN_ID_PATTERN, cronjob_group, generate_run_id, kubernetes_run_id
+from job.untrusted import BOTO3_ENDPOINTS, checked_url, mask, register_environment_secrets
 
 ENV_PREFIX = "VAT_"
 
-# The seed article's training recipe, reproduced exactly by VAT_PRESET=article, quirks included.
-ARTICLE_PRESET: dict[str, Any] = {
-    "baseline_steps": 500,
-    "train_steps": 3000,
-    "labeled_batch_size": 100,
-    "unlabeled_batch_size": 512,
-    "lr": 1e-3,
-    "lr_decay": "none",
-    "epsilon": 2.5,
-    "epsilon_scaling": "fixed",
-    "xi": 1e-6,
-    "power_iterations": 1,
-    "entmin_weight": 0.0,
-    "entmin_rampup_steps": 0,
-    "perturbed_bn": "update",
-    "dropout_masks": "independent",
-    "bn_reestimate": False,
-    "ema_decay": 0.0,
-    "translate_px": 0,
-    "rotate_deg": 0.0,
-    "elastic_px": 0.0,
-    "balance_weight": 0.0,
-    "hidden_units": 100,
-}
-
-# Settings added after checkpoints and reports were first written; every run before had the article's value, so a
-# record that lacks one is read as that (a checkpoint of the article's width resumes; another width does not).
-IMPLICIT_BEFORE_ADDED: dict[str, Any] = {
-    name: ARTICLE_PRESET[name]
-    for name in ("hidden_units", "epsilon_scaling", "rotate_deg", "elastic_px", "balance_weight")
-}
-
+URL_SETTINGS = ("mnist_mirrors", "s3_endpoint_url", "pushgateway_url")  # their passwords are masked everywhere
 MAX_STEPS = 10_000_000  # 10M updates: days on an H200; a larger number is a typo, not a plan
 UNKNOWN_SETTING = "unknown setting (a typo?); the settings are listed in .env.example"
 
@@ -157,6 +127,10 @@ class Settings(BaseSettings):
     promote_min_accuracy: float = Field(default=0.95, ge=0, le=1)
     promote_max_regression: float = Field(default=0.005, ge=0, le=1)
 
+    pushgateway_url: str | None = None  # metrics, at the end of a run (checked_url, like every URL setting)
+    pushgateway_timeout_s: float = Field(default=5.0, gt=0, le=60)
+    termination_message_path: Path = Path("/dev/termination-log")  # the reason a Kubernetes pod failed
+
     @model_validator(mode="before")
     @classmethod
     def _apply_preset(cls, data: Any) -> Any:
@@ -219,7 +193,7 @@ class Settings(BaseSettings):
                 checked_url(url)  # raises with the URL masked: it may hold a mirror's password
         return value
 
-    @field_validator("s3_endpoint_url")
+    @field_validator("s3_endpoint_url", "pushgateway_url")
     @classmethod
     def _endpoint_is_a_url(cls, value: str | None) -> str | None:
         return checked_url(value) if value else None
@@ -265,6 +239,13 @@ class Settings(BaseSettings):
             out[name] = "***" if re.search(r"secret|password|token|key", name) else mask(value)
         return out
 
+    @model_validator(mode="before")  # defined last, so it runs first: the run id is derived from the group
+    @classmethod
+    def _group_from_a_cronjobs_job(cls, data: Any) -> Any:  # its real name, whatever an overlay's namePrefix made
+        if isinstance(data, dict) and data.get("job_name") and data.get("run_group") == data["job_name"]:
+            data["run_group"] = cronjob_group(str(data["job_name"]))  # <cronjob>-<digits> -> <cronjob>
+        return data
+
 
 def env_name(field: str) -> str:
     return ENV_PREFIX + field.upper()
@@ -287,7 +268,7 @@ def load_settings(env_file: str | Path | None = ".env", **overrides: Any) -> Set
         except (UnicodeDecodeError, OSError, ValueError) as error:
             raise ConfigError(f"{env_file} cannot be read as UTF-8 KEY=value lines ({type(error).__name__})") from None
         _refuse_unknown(file_values, str(env_file))
-    register_secrets({**file_values, **os.environ})
+    register_environment_secrets({**file_values, **os.environ}, [env_name(f) for f in URL_SETTINGS])
     for name in BOTO3_ENDPOINTS:  # boto3's own variables: botocore would fail later, deep in a traceback
         try:
             checked_url(os.environ[name]) if os.environ.get(name) else None
@@ -299,20 +280,6 @@ def load_settings(env_file: str | Path | None = ".env", **overrides: Any) -> Set
         raise ConfigError(mask(_one_line(error, {**file_values, **os.environ}))) from None
     except (SettingsError, UnicodeDecodeError) as error:
         raise ConfigError(mask(f"settings cannot be read: {error}")) from None
-
-
-SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
-BOTO3_ENDPOINTS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
-
-
-def register_secrets(values: dict[str, str | None]) -> None:
-    """Before anything can fail: the credentials in URL-valued settings and the AWS secrets are masked in every
-    message from now on (job.untrusted.mask), even where a library quotes them without their URL."""
-    for name in (env_name("mnist_mirrors"), env_name("s3_endpoint_url"), *BOTO3_ENDPOINTS):
-        for url in re.split(r"[\s,\[\]\"]+", values.get(name) or ""):
-            register_url_secrets(url)
-    for name in SECRET_VARIABLES:
-        register_secret(values.get(name))
 
 
 def _one_line(error: ValidationError, env: dict[str, Any]) -> str:

@@ -81,6 +81,20 @@ def register_secret(secret: str | None) -> None:
         _registered.add(urllib.parse.quote(secret, safe=""))
 
 
+SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+BOTO3_ENDPOINTS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+
+
+def register_environment_secrets(values: dict[str, str | None], url_variables: list[str]) -> None:
+    """Before anything can fail: the credentials in URL-valued variables (a JSON list or commas too) and the AWS
+    secrets are masked in every message from now on, even where a library quotes them without their URL."""
+    for name in (*url_variables, *BOTO3_ENDPOINTS):
+        for url in re.split(r"[\s,\[\]\"]+", values.get(name) or ""):
+            register_url_secrets(url)
+    for name in SECRET_VARIABLES:
+        register_secret(values.get(name))
+
+
 def register_url_secrets(url: str) -> None:
     """Register the userinfo of `url` (user:password, or a token) and its password alone as secrets."""
     userinfo = _userinfo(url)

@@ -1,5 +1,7 @@
 import contextlib
 import os
+import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,6 +11,23 @@ from job.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = Path(os.environ.get("TEST_MNIST_DIR", REPO.parent / "shared" / "mnist"))
+# In CI (CI=true, as .ci/run sets it) or with VAT_REQUIRE_TOOLS=1, a missing command-line tool (kubectl,
+# kubernetes-validate, hadolint, promtool, prometheus-pushgateway) fails its tests instead of skipping them.
+REQUIRE_TOOLS = os.environ.get("CI", "").lower() == "true" or os.environ.get("VAT_REQUIRE_TOOLS") == "1"
+
+
+def unavailable(reason: str) -> None:
+    if REQUIRE_TOOLS:
+        pytest.fail(f"{reason} (CI=true or VAT_REQUIRE_TOOLS=1: required)")
+    pytest.skip(reason)
+
+
+def tool(name: str) -> str:
+    """A command: the virtual environment's (pip-installed tools), else the system's."""
+    found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+    if not found:
+        unavailable(f"{name} is not installed")
+    return found
 
 
 @pytest.fixture(autouse=True)

@@ -371,7 +371,7 @@ def test_other_errors_a_user_can_cause_are_one_line_each(docker, mnist, workdir)
 
     if not has_gpu():
         cuda = run(docker, *user, "-v", f"{mnist}:/data:ro", "-e", "VAT_DEVICE=cuda", IMAGE, timeout=300)
-        assert "no CUDA device is visible" in one_error_line(cuda, 2, "config_error")["message"]
+        assert "no CUDA device is visible" in one_error_line(cuda, 10, "no_gpu_visible")["message"]
 
 
 def test_gpu_run_of_the_image(docker, mnist, workdir):

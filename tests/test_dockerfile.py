@@ -2,21 +2,9 @@
 itself is run by tests/test_container.py)."""
 
 import re
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
-import pytest
-
-from tests.conftest import REPO
-
-
-def tool(name: str) -> str:
-    path = shutil.which(name) or str(Path(sys.executable).with_name(name))
-    if not Path(path).exists():
-        pytest.skip(f"{name} is not installed")
-    return path
+from tests.conftest import REPO, tool
 
 
 def test_dockerfile_passes_hadolint_with_no_ignored_rule():

@@ -2,7 +2,7 @@
 
 import pytest
 
-from job.runid import kubernetes_run_id
+from job.runid import cronjob_group, kubernetes_run_id
 from job.settings import ConfigError, load_settings
 
 UID = "3f2a9c1d-7b4e-4c1a-9e0f-0123456789ab"
@@ -37,6 +37,31 @@ def test_settings_derive_the_run_id_from_the_job_and_an_explicit_one_wins(monkey
     assert first.run_group == "vat-sweep-q9w8e"
     monkeypatch.setenv("VAT_RUN_ID", "resume-this")
     assert load_settings(env_file=None).run_id == "resume-this"
+
+
+@pytest.mark.parametrize(
+    "job_name,group",
+    [
+        ("vat-job-nightly-29930520", "vat-job-nightly"),  # scheduled: minutes since the epoch
+        ("team-a-vat-job-nightly-29930520", "team-a-vat-job-nightly"),  # under an overlay's namePrefix
+        ("team-a-vat-job-nightly-20261129153000", "team-a-vat-job-nightly"),  # by hand, as the README does it
+        ("vat-sweep-q9w8e", "vat-sweep-q9w8e"),  # not a CronJob's: its own group
+        ("vat-sweep-24567", "vat-sweep-24567"),  # generateName's five characters are never eight digits
+    ],
+)
+def test_the_group_taken_from_a_job_is_its_cronjobs_name(job_name, group):
+    assert cronjob_group(job_name) == group
+
+
+def test_settings_take_the_group_from_the_job_only_when_it_is_the_jobs_name(monkeypatch):
+    monkeypatch.setenv("VAT_JOB_NAME", "team-a-vat-job-nightly-29930520")
+    monkeypatch.setenv("VAT_JOB_UID", UID)
+    monkeypatch.setenv("VAT_RUN_GROUP", "team-a-vat-job-nightly-29930520")  # the downward API's value
+    settings = load_settings(env_file=None)
+    assert settings.run_group == "team-a-vat-job-nightly"
+    assert settings.run_id == "20261128T0200Z-team-a-vat-job-nightly-3f2a9c1d", "still read as a scheduled run"
+    monkeypatch.setenv("VAT_RUN_GROUP", "one-off")  # a literal group is kept as it is
+    assert load_settings(env_file=None).run_group == "one-off"
 
 
 def test_the_default_group_is_one_off_and_a_group_is_a_path_segment(monkeypatch):

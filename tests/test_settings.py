@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from job.settings import ARTICLE_PRESET, ConfigError, Settings, load_settings
+from job.presets import ARTICLE_PRESET
+from job.settings import ConfigError, Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -185,14 +186,16 @@ def test_bad_setting_exits_2_with_one_json_line_before_any_work(tmp_path, extra)
     assert not (tmp_path / "out").exists()
 
 
-def test_cuda_requested_without_gpu_exits_2(tmp_path):
+def test_cuda_requested_without_gpu_exits_10_a_fault_of_the_node_not_of_the_settings(tmp_path):
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     result = run_job(clean_env(VAT_OUTPUT_DIR=str(tmp_path / "out"), VAT_DEVICE="cuda", VAT_DATA_DIR=str(tmp_path)))
-    assert result.returncode == 2
-    assert "VAT_DEVICE='cuda'" in result.stdout
+    assert result.returncode == 10
+    (line,) = [json.loads(line) for line in result.stdout.splitlines()]
+    assert line["event"] == "no_gpu_visible" and line["exit_code"] == 10
+    assert "VAT_DEVICE='cuda': no CUDA device is visible on this node" in line["message"]
 
 
 def test_console_script_passes_exit_codes_and_flushes_its_output(tmp_path):
