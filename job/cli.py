@@ -81,8 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run() -> int:
-    fallback_format = os.environ.get("VAT_LOG_FORMAT", "json")
-    logs.configure_logging("console" if fallback_format == "console" else "json")
+    fallback_format = os.environ.get("VAT_LOG_FORMAT", "auto")
+    logs.configure_logging(fallback_format if fallback_format in ("json", "console") else "auto")
     log = logs.get_logger()
     try:
         settings = load_settings()
@@ -102,7 +102,33 @@ def run() -> int:
 
         verdict = gate_verdict(code, gated=bool(settings.promote_to))
         metrics.push_run(settings, code, verdict, ended.get("report"), time.monotonic() - began, log)
+    if code == EXIT_OK and ended.get("report"):
+        say_summary(settings, ended["report"], log)
     return code
+
+
+def say_summary(settings: Any, report: dict[str, Any], log: Any) -> None:
+    """The run's last lines: a table at a terminal, one `summary` line in JSON."""
+    from job.progress import summary_table
+
+    where = str(settings.output_dir / settings.run_id)
+    if settings.s3_bucket:
+        where += f" and s3://{settings.s3_bucket}/{settings.s3_prefix}/runs/{settings.run_id}/"
+    if logs.resolved_format == "console":
+        print(summary_table(report, where), end="", flush=True)
+        return
+    models = report["models"]
+    log.info(
+        "summary",
+        **{
+            f"{m}_{t}_{k}": round(models[m][t][k], 4)
+            for m in models
+            for t in ("seeded_test", "mnist_test")
+            for k in ("accuracy", "macro_f1")
+        },
+        seconds=report["timings_s"]["total"],
+        files=where,
+    )
 
 
 def gate_verdict(code: int, gated: bool) -> str:

@@ -21,7 +21,7 @@ import torch
 from sklearn.model_selection import train_test_split
 from torch.nn import functional as F
 
-from job.layout import sha256_of
+from job.layout import UMASK, sha256_of
 from job.untrusted import without_userinfo
 
 # SHA256 of the four uncompressed files, as torchvision's mirrors serve them (gzipped).
@@ -129,6 +129,7 @@ def _fetch_gz(url: str, target: Path, sha: str, timeout_s: float) -> None:
         actual = sha256_of(tmp_path)
         if actual != sha:
             raise ValueError(f"checksum mismatch (sha256 {actual[:12]}..., expected {sha[:12]}...)")
+        os.chmod(tmp_path, 0o666 & ~UMASK)  # as a plain open() would make it, not NamedTemporaryFile's 0600
         os.replace(tmp_path, target)
     finally:
         tmp_path.unlink(missing_ok=True)

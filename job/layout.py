@@ -28,6 +28,8 @@ PLOTS = "plots"
 
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+UMASK = os.umask(0o022)  # read once, at import (reading it means setting it), and set back at once
+os.umask(UMASK)
 
 
 class DiskFull(Exception):
@@ -72,6 +74,7 @@ def atomic_write_bytes(path: Path, write: Callable[[BinaryIO], object]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp makes 0600; the file gets what open() would give it (0644 under 022)
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()

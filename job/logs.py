@@ -22,6 +22,13 @@ def _redact_event(logger: Any, name: str, event_dict: dict[str, Any]) -> dict[st
     return {key: mask(value) for key, value in event_dict.items()}
 
 
+def _run_id_once(logger: Any, name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """At a terminal the run id is shown where the run starts and ends, not on every line."""
+    if event_dict.get("event") not in ("run_started", "run_finished", "config_error"):
+        event_dict.pop("run_id", None)
+    return event_dict
+
+
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
@@ -51,11 +58,16 @@ class _RunLogFile:
 
 
 _run_log = _RunLogFile()
+resolved_format = "json"  # what "auto" became: console or json
 
 
 def configure_logging(log_format: str = "json", level: str = "info", stream: TextIO | None = None) -> None:
-    """Configure structlog for the whole process; safe to call again (tests do)."""
+    """Configure structlog for the whole process (log_format: auto, json or console); safe to call again."""
     stream = stream or sys.stdout
+    if log_format == "auto":  # a person at a terminal reads lines; docker without -t and Kubernetes keep JSON
+        log_format = "console" if stream.isatty() else "json"
+    global resolved_format
+    resolved_format = log_format
     # An exception travels as `exc_info` to the end: the run log and the JSON renderer turn it into a structured
     # `exception` (a list of frames), the console renderer prints the traceback itself, once (it cannot take
     # the structured form).
@@ -65,7 +77,8 @@ def configure_logging(log_format: str = "json", level: str = "info", stream: Tex
         renderers = [
             structlog.processors.format_exc_info,
             _redact_event,
-            structlog.dev.ConsoleRenderer(colors=stream.isatty()),
+            _run_id_once,
+            structlog.dev.ConsoleRenderer(colors=stream.isatty(), sort_keys=False),
         ]
     else:
         renderers = [_TRACEBACKS, _redact_event, structlog.processors.JSONRenderer()]

@@ -146,3 +146,41 @@ def plot_confusion_matrices(layout: RunLayout, models: dict[str, Any]) -> list[P
         _save_figure(fig, path)
         paths.append(path)
     return paths
+
+
+def write_summary(layout: RunLayout, report: dict[str, Any], defaults: dict[str, Any]) -> Path:
+    """summary.md: the run for a person: headline numbers, the settings that differ from the defaults, the pictures."""
+    models, settings = report["models"], report["settings"]
+    lines = [
+        f"# vat-job run {report['run_id']}",
+        "",
+        f"Made {report['created_at'][:19]} UTC in {report['timings_s']['total'] / 60:.1f} min on "
+        f"{report['environment']['device_name']}; group `{report.get('group')}`.",
+        "",
+        "| model | validation accuracy | macro F1 | MNIST test accuracy | macro F1 | updates |",
+        "|---|---|---|---|---|---|",
+    ]
+    for phase, result in models.items():
+        seeded, test = result["seeded_test"], result["mnist_test"]
+        lines.append(
+            f"| {phase} | {seeded['accuracy']:.4f} | {seeded['macro_f1']:.4f} | {test['accuracy']:.4f} | "
+            f"{test['macro_f1']:.4f} | {result['steps']:,} |"
+        )
+    lines += [
+        "",
+        "Validation: the 10,000 images the seeded split holds out of MNIST's training set. MNIST test: the official",
+        "10,000 test images.",
+        "",
+        "## Settings that differ from the defaults",
+        "",
+    ]
+    changed = {k: v for k, v in settings.items() if k in defaults and v != defaults[k] and k != "run_id"}
+    lines += [f"- `VAT_{k.upper()}={v}`" for k, v in sorted(changed.items())] or ["none"]
+    pictures = sorted(layout.plots.glob("*.png")) if layout.plots.is_dir() else []
+    if pictures:
+        lines += ["", "## Pictures", ""]
+        lines += [f"![{p.stem}]({p.relative_to(layout.root).as_posix()})" for p in pictures]
+    text = "\n".join(lines) + "\n"
+    path = layout.root / "summary.md"
+    atomic_write_bytes(path, lambda handle: handle.write(text.encode("utf-8")))
+    return path

@@ -22,6 +22,7 @@ from job.checkpoint import CHECKPOINT_PATTERN, checkpoint_step, list_checkpoints
 from job.device import configure_backend, resolve_device
 from job.layout import FINAL_MODEL, LOG, PHASES, RunLayout, write_json
 from job.lock import RunLock
+from job.progress import Progress
 from job.settings import Settings
 from job.stop import UPLOAD_GRACE_S, Interrupted, StopFlag, Stopped
 
@@ -94,6 +95,7 @@ def run_job(settings: Settings, stop: StopFlag, log: Any) -> dict[str, Any]:
 
         hooks = train.Hooks(
             log=log,
+            on_progress=Progress(settings, log),
             on_corrupt=lambda path, error: log.warning("checkpoint_corrupt", path=str(path), error=str(error)),
             on_checkpoint=lambda path: upload_as_training_goes(
                 store, layout, path, log, stop, lock, settings.keep_checkpoints
@@ -112,6 +114,7 @@ def run_job(settings: Settings, stop: StopFlag, log: Any) -> dict[str, Any]:
             raise
         models = {}
         for phase, result in results.items():
+            log.info("evaluating", phase=phase, images=len(split.seeded_test) + len(split.test_images))
             models[phase] = {
                 **evaluate.evaluate(result.model, split, settings.eval_batch_size),
                 "steps": result.steps,
@@ -153,6 +156,7 @@ def run_job(settings: Settings, stop: StopFlag, log: Any) -> dict[str, Any]:
             settings.run_id, settings.public_dict(), report.environment(device), split_info, models, timings
         )
         write_json(layout.report, summary)
+        report.write_summary(layout, summary, Settings.model_construct().public_dict())
         log.info(
             "run_finished",
             report=str(layout.report),
@@ -169,9 +173,10 @@ def run_job(settings: Settings, stop: StopFlag, log: Any) -> dict[str, Any]:
                     max(dict(list_checkpoints(layout.phase(phase))), default=0),
                     settings.keep_checkpoints,
                 )
+            log.info("uploading", to=f"s3://{settings.s3_bucket}/{store.run_prefix}")
             with stop.waiting(UPLOAD_GRACE_S):
                 manifest = store.upload_run(
-                    layout, on_event=log.info, stale=lambda rel: checkpoint_step(rel.rpartition("/")[2]) is not None
+                    layout, on_event=log.debug, stale=lambda rel: checkpoint_step(rel.rpartition("/")[2]) is not None
                 )
             log.info("run_uploaded", bucket=settings.s3_bucket, prefix=store.run_prefix, files=len(manifest["files"]))
             if settings.promote_to:

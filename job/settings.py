@@ -18,7 +18,7 @@ from dotenv import dotenv_values
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
-from job.presets import ARTICLE_PRESET
+from job.presets import PRESETS
 from job.runid import RUN_ID_PATTERN, cronjob_group, generate_run_id, kubernetes_run_id
 from job.untrusted import BOTO3_ENDPOINTS, checked_url, mask, register_environment_secrets
 
@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     )
 
     # Where things are.
-    preset: Literal["default", "article"] = "default"
+    preset: Literal["default", "article", "smoke"] = "default"
     data_dir: Path = Path("data")
     mnist_mirrors: Annotated[list[str], NoDecode] = Field(
         default=[
@@ -104,7 +104,7 @@ class Settings(BaseSettings):
     eval_batch_size: int = Field(default=250, ge=1, le=70_000)
 
     # Output.
-    log_format: Literal["json", "console"] = "json"
+    log_format: Literal["auto", "json", "console"] = "auto"  # auto: console at a terminal, JSON lines otherwise
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_every_s: float = Field(default=5.0, gt=0, le=86_400)
     plots: bool = True
@@ -134,8 +134,8 @@ class Settings(BaseSettings):
     @model_validator(mode="before")
     @classmethod
     def _apply_preset(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("preset") == "article":
-            for name, value in ARTICLE_PRESET.items():
+        if isinstance(data, dict):
+            for name, value in PRESETS.get(str(data.get("preset")), {}).items():
                 data.setdefault(name, value)
         return data
 
@@ -268,6 +268,9 @@ def load_settings(env_file: str | Path | None = ".env", **overrides: Any) -> Set
         except (UnicodeDecodeError, OSError, ValueError) as error:
             raise ConfigError(f"{env_file} cannot be read as UTF-8 KEY=value lines ({type(error).__name__})") from None
         _refuse_unknown(file_values, str(env_file))
+        for name, value in file_values.items():  # boto3's AWS_* lines, read as docker run --env-file reads them
+            if name.startswith("AWS_") and value and name not in os.environ:
+                os.environ[name] = value
     register_environment_secrets({**file_values, **os.environ}, [env_name(f) for f in URL_SETTINGS])
     for name in BOTO3_ENDPOINTS:  # boto3's own variables: botocore would fail later, deep in a traceback
         try:

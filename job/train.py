@@ -60,6 +60,7 @@ class Hooks:
     log: Any
     on_checkpoint: Callable[[Path], None] = lambda path: None
     on_corrupt: Callable[[Path, Exception], None] = lambda path, error: None
+    on_progress: Callable[..., None] = lambda phase, done, total, rate, lr, losses: None  # job.progress.Progress
 
 
 def lr_at(step: int, total: int, lr: float, decay: str) -> float:
@@ -268,16 +269,7 @@ def _train_phase(
         if now - last_log >= settings.log_every_s:
             rate = (done - last_logged_step) / (now - last_log)
             losses = dict(zip(LOSS_NAMES, history[step].tolist(), strict=True))
-            log.info(
-                "progress",
-                phase=phase,
-                step=done,
-                of=total,
-                steps_per_s=round(rate, 2),
-                eta_s=round((total - done) / rate, 1),
-                lr=float(f"{lr_at(step, total, settings.lr, settings.lr_decay):.3g}"),
-                **{k: round(v, 5) for k, v in losses.items()},
-            )
+            hooks.on_progress(phase, done, total, rate, lr_at(step, total, settings.lr, settings.lr_decay), losses)
             last_log, last_logged_step = now, done
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -28,16 +28,23 @@ def test_env_example_lists_every_setting_and_nothing_else():
     assert documented - fields == set(), ".env.example names settings that do not exist"
 
 
-def test_readme_settings_table_lists_every_setting_and_nothing_else():
-    rows = re.findall(r"^\| `(VAT_[A-Z0-9_]+)` \|", (REPO / "README.md").read_text(), flags=re.MULTILINE)
-    assert len(rows) == len(set(rows)), "a setting is listed twice"
-    assert set(rows) == {f"VAT_{name.upper()}" for name in Settings.model_fields}
+def test_the_reference_and_env_example_are_generated_from_the_settings_and_fit_100_columns():
+    from job import settings_help
+
+    assert {n for fields in settings_help.SECTIONS.values() for n in fields} == set(Settings.model_fields)
+    assert sum(len(fields) for fields in settings_help.SECTIONS.values()) == len(Settings.model_fields), "listed twice"
+    for path, render in settings_help.GENERATED.items():
+        assert (REPO / path).read_text() == render(), f"{path} is stale: python -m job.settings_help"
+    example = (REPO / ".env.example").read_text().splitlines()
+    assert max(map(len, example)) <= 100
+    assert not [line for line in example if line.startswith(("VAT_", "AWS_"))], "nothing is set: copying pins nothing"
+    assert {"# AWS_ACCESS_KEY_ID=", "# AWS_SECRET_ACCESS_KEY=", "# AWS_ENDPOINT_URL_S3="} <= set(example)
 
 
 def test_env_example_defaults_are_the_real_defaults(monkeypatch):
     defaults = Settings(_env_file=None)
     for line in (REPO / ".env.example").read_text().splitlines():
-        match = re.match(r"^(VAT_[A-Z0-9_]+)=(.*)$", line)
+        match = re.match(r"^# (VAT_[A-Z0-9_]+)=(.*)$", line)
         if match and match.group(2):
             name = match.group(1)[4:].lower()
             monkeypatch.setenv(match.group(1), match.group(2))
@@ -49,7 +56,7 @@ def test_env_example_defaults_are_the_real_defaults(monkeypatch):
 def test_public_interface_names_and_defaults():
     s = load_settings(env_file=None)
     assert (s.test_split_seed, s.label_split_seed, s.num_labeled) == (42, 1, 100)
-    assert s.device == "auto" and s.amp == "off" and s.log_format == "json"
+    assert s.device == "auto" and s.amp == "off" and s.log_format == "auto"
     assert s.labeled_batch_size == 100 and s.unlabeled_batch_size == 512
 
 
