@@ -30,7 +30,6 @@ def environment(device: torch.device) -> dict[str, Any]:
     for package in (
         "vat-job",
         "torch",
-        "torchvision",
         "numpy",
         "scikit-learn",
         "pydantic-settings",
