@@ -13,38 +13,34 @@
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
-# The dependency list alone, so that editing pyproject.toml's other tables (or README.md) reuses the layer
-# that holds torch (BuildKit compares the copied file's content).
-FROM ${PYTHON_IMAGE} AS requirements
-COPY pyproject.toml /src/
-RUN python -c "import tomllib; print(*tomllib.load(open('/src/pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" \
-    > /requirements.txt
-
+# The dependencies from the lock file alone (.ci/lock writes it from pyproject.toml): every version pinned, every
+# file checked against its sha256, nothing resolved at build time; the layer that holds torch is reused until the
+# lock file changes.
 FROM ${PYTHON_IMAGE} AS deps
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 ARG WHEELS_URL=
-COPY --from=requirements /requirements.txt /tmp/requirements.txt
+COPY lock/image.txt /tmp/requirements.txt
 # Dependencies, then what is free to cut: the tests shipped inside wheels and pip's byte code, replaced by byte
 # code compiled once for every module (unchecked-hash: valid whatever the files' times; the root filesystem may
 # be read-only, so nothing could be cached at run time). torch ships one Python 3.12-only test helper.
 RUN --mount=type=secret,id=pip_cert \
     if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
-    && pip install --no-cache-dir --no-compile ${WHEELS_URL:+--find-links "$WHEELS_URL"} -r /tmp/requirements.txt \
+    && pip install --no-cache-dir --no-compile --require-hashes --no-deps ${WHEELS_URL:+--find-links "$WHEELS_URL"} \
+        -r /tmp/requirements.txt \
     && find /opt/venv/lib -depth -type d \( -name __pycache__ -o -name tests -path '*/site-packages/*/tests' \) \
         -exec rm -rf {} + \
     && python -m compileall -q -j 0 --invalidation-mode unchecked-hash -x '/py312_intrinsics\.py$' /opt/venv/lib
 
-# The project on top; only the files this step adds go to /stage, so that the image's 6 GB layer of
-# dependencies is shared by every build of the same dependency list (a code change adds kilobytes, not GBs).
+# The project on top, built by the locked setuptools already in the venv (no build isolation: nothing fetched
+# unpinned); only the files this step adds go to /stage, so that the image's 6 GB layer of dependencies is shared
+# by every build of the same lock file (a code change adds kilobytes, not GBs).
 FROM deps AS app
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY job ./job
-RUN --mount=type=secret,id=pip_cert \
-    if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
-    && touch /tmp/before && pip install --no-cache-dir --no-deps --no-compile . \
+RUN touch /tmp/before && pip install --no-cache-dir --no-deps --no-build-isolation --no-compile . \
     && python -m compileall -q --invalidation-mode unchecked-hash "$(python -c 'import job, os; print(os.path.dirname(job.__file__))')" \
     && mkdir /stage && find /opt/venv -type f -cnewer /tmp/before -exec cp --parents {} /stage/ \;
 

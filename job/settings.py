@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from dotenv import dotenv_values
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, NonNegativeInt, TypeAdapter, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from job.presets import PRESETS
@@ -139,22 +139,25 @@ class Settings(BaseSettings):
                 data.setdefault(name, value)
         return data
 
-    @model_validator(mode="before")
-    @classmethod
-    def _sweep_index(cls, data: Any) -> Any:
-        # A Kubernetes Indexed Job gives each pod JOB_COMPLETION_INDEX; a sweep trains label seed 1+index.
-        if isinstance(data, dict) and str(data.get("label_split_seed_from_index", "")).lower() in (
-            "1",
-            "true",
-            "yes",
-            "on",
-        ):
-            index = os.environ.get("JOB_COMPLETION_INDEX")
-            if index is None:
-                raise ValueError("label_split_seed_from_index needs JOB_COMPLETION_INDEX (set by an Indexed Job)")
-            base = int(data.get("label_split_seed", 1))
-            data["label_split_seed"] = base + int(index)
-        return data
+    @model_validator(mode="after")
+    def _sweep_index(self) -> Settings:
+        # A Kubernetes Indexed Job gives each pod JOB_COMPLETION_INDEX; a sweep trains label seed 1+index. Applied to
+        # the validated values: whatever pydantic reads as true (y, on, 1...) turns the offset on.
+        if not self.label_split_seed_from_index:
+            return self
+        raw = os.environ.get("JOB_COMPLETION_INDEX")
+        if raw is None:
+            raise ValueError("label_split_seed_from_index needs JOB_COMPLETION_INDEX (set by an Indexed Job)")
+        try:
+            index = TypeAdapter(NonNegativeInt).validate_python(raw)
+        except ValidationError:
+            raise ValueError(f"JOB_COMPLETION_INDEX={raw!r} must be a whole number >= 0") from None
+        if self.label_split_seed + index > 2**32 - 1:
+            raise ValueError(
+                f"VAT_LABEL_SPLIT_SEED={self.label_split_seed} plus JOB_COMPLETION_INDEX={index} is above 2**32-1"
+            )
+        self.label_split_seed += index
+        return self
 
     @model_validator(mode="before")
     @classmethod

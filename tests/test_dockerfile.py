@@ -19,10 +19,13 @@ def test_dockerfile_runs_as_numeric_non_root_user_with_exec_form_entrypoint():
     assert user and user[-1][0] != "0"
     assert re.search(r'^ENTRYPOINT \["vat-job"\]$', text, re.M), "exec form, so SIGTERM reaches Python"
     assert "PYTHONUNBUFFERED=1" in text
-    # Installed from pyproject.toml: its dependency list first (a layer of its own), then the project.
-    assert "['project']['dependencies']" in text and "pip install --no-cache-dir --no-deps --no-compile ." in text
+    # Installed from the lock file first, every file's hash checked (a layer of its own), then the project alone.
+    assert "COPY lock/image.txt /tmp/requirements.txt" in text
+    assert re.search(r"pip install [^\n]*--require-hashes --no-deps .*\n +-r /tmp/requirements.txt", text)
+    assert "pip install --no-cache-dir --no-deps --no-build-isolation --no-compile ." in text
 
 
 def test_dockerignore_keeps_the_context_small():
     lines = (REPO / ".dockerignore").read_text().split()
     assert lines[lines.index("*")] == "*" and "!job/" in lines and "!pyproject.toml" in lines
+    assert "!lock/image.txt" in lines and "!lock/ci.txt" not in lines

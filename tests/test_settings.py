@@ -157,6 +157,51 @@ def test_sweep_index_maps_to_label_seed(monkeypatch):
         load_settings(env_file=None)
 
 
+# Every spelling pydantic reads as a bool (any case); the offset follows pydantic's reading, not a list of its own.
+TRUE_SPELLINGS = ["1", "true", "t", "yes", "y", "on", "TRUE", "True", "T", "YES", "Y", "ON", "On"]
+FALSE_SPELLINGS = ["0", "false", "f", "no", "n", "off", "FALSE", "False", "F", "NO", "N", "OFF", "Off"]
+
+
+@pytest.mark.parametrize("spelling", TRUE_SPELLINGS + FALSE_SPELLINGS)
+def test_sweep_offset_follows_every_bool_spelling_pydantic_accepts(monkeypatch, spelling):
+    monkeypatch.setenv("VAT_LABEL_SPLIT_SEED_FROM_INDEX", spelling)
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "3")
+    settings = load_settings(env_file=None)
+    on = spelling in TRUE_SPELLINGS
+    assert settings.label_split_seed_from_index is on
+    assert settings.label_split_seed == (1 + 3 if on else 1)
+
+
+def test_sweep_offset_is_added_to_an_explicit_label_seed_and_the_preset_leaves_it(monkeypatch):
+    monkeypatch.setenv("VAT_LABEL_SPLIT_SEED_FROM_INDEX", "y")
+    monkeypatch.setenv("VAT_LABEL_SPLIT_SEED", "10")
+    monkeypatch.setenv("VAT_PRESET", "article")
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "3")
+    assert load_settings(env_file=None).label_split_seed == 13
+
+
+@pytest.mark.parametrize("index", ["-1", "two", "1.5", ""])
+def test_sweep_refuses_a_completion_index_that_is_not_a_whole_number(monkeypatch, index):
+    monkeypatch.setenv("VAT_LABEL_SPLIT_SEED_FROM_INDEX", "on")
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", index)
+    with pytest.raises(ConfigError, match=rf"^JOB_COMPLETION_INDEX={re.escape(repr(index))} must be a whole number"):
+        load_settings(env_file=None)
+
+
+def test_sweep_refuses_a_label_seed_pushed_past_its_range(monkeypatch):
+    monkeypatch.setenv("VAT_LABEL_SPLIT_SEED_FROM_INDEX", "1")
+    monkeypatch.setenv("VAT_LABEL_SPLIT_SEED", str(2**32 - 1))
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "1")
+    with pytest.raises(ConfigError, match="JOB_COMPLETION_INDEX=1 is above"):
+        load_settings(env_file=None)
+
+
+def test_without_the_sweep_flag_a_bad_completion_index_is_ignored(monkeypatch):
+    monkeypatch.setenv("VAT_LABEL_SPLIT_SEED_FROM_INDEX", "no")
+    monkeypatch.setenv("JOB_COMPLETION_INDEX", "not-a-number")
+    assert load_settings(env_file=None).label_split_seed == 1
+
+
 def run_job(env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "job"], env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
 
