@@ -1,6 +1,6 @@
 """The command line: `vat-job` (run the job) and `vat-job collect`; the only place errors become exit codes.
 
-Exit codes (documented in the README):
+Exit codes (documented in docs/operations.md):
   0  success
   1  unexpected internal error (a bug: the traceback is in the log line)
   2  configuration error: a setting is invalid, or a run id is reused with other training settings
@@ -24,6 +24,7 @@ which the scheduler places afresh; the others are retried within the Job's backo
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -49,8 +50,14 @@ EXIT_NO_GPU = 10
 FAIL_JOB = (EXIT_CONFIG, EXIT_GATE_REFUSED)  # podFailurePolicy FailJob (FailIndex in a sweep): a retry cannot help
 RETRIED = (EXIT_NO_GPU,)  # podFailurePolicy Count: a new pod, another node with luck
 
-USAGE = """usage: vat-job            run the job (settings from VAT_* environment variables, see .env.example)
-       vat-job collect    list runs in the bucket (see vat-job collect --help)"""
+USAGE = """usage: vat-job [run]         train the baseline and the VAT model, evaluate, report, upload
+       vat-job collect         list, compare and fetch runs from the bucket (vat-job collect --help)
+       vat-job predict         classify PNG or MNIST IDX images with a trained model (vat-job predict --help)
+       vat-job --version
+
+Settings come from VAT_* environment variables and .env (docs/configuration.md lists every one; .env.example is
+a copy to start from). A first run that takes about a minute on a CPU: VAT_PRESET=smoke vat-job
+Exit codes: docs/operations.md."""
 
 
 def entrypoint() -> None:
@@ -59,6 +66,7 @@ def entrypoint() -> None:
     Every artifact is written atomically and every log line flushed before this point; what remains at exit
     is freeing modules, tensors and the CUDA context, 1.2-1.5 s of a 2+2-update job on the CPU (BENCHMARKS.md).
     """
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `vat-job collect | head`: the reader left, so do we, quietly
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -67,15 +75,24 @@ def entrypoint() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] in ("-h", "--help"):
+    if args and args[0] in ("-h", "--help", "help"):
         print(USAGE)
+        return EXIT_OK
+    if args and args[0] in ("-V", "--version"):
+        from importlib.metadata import version
+
+        print(f"vat-job {version('vat-job')}")
         return EXIT_OK
     if args and args[0] == "collect":
         from job.collect import main as collect_main
 
         return collect_main(args[1:])
-    if args and args[0] != "run":
-        print(USAGE, file=sys.stderr)
+    if args and args[0] == "predict":
+        from job.predict import main as predict_main
+
+        return predict_main(args[1:])
+    if args and args[0] != "run" or len(args) > 1:
+        print(f"vat-job: unknown command or argument {' '.join(args)!r}\n{USAGE}", file=sys.stderr)
         return EXIT_CONFIG
     return run()
 
@@ -164,13 +181,9 @@ def run_to_exit_code(settings: Any, log: Any, ended: dict[str, Any]) -> int:
         log.error("config_error", message=str(error), exit_code=EXIT_CONFIG)
         return EXIT_CONFIG
     except StorageError as error:
-        log.error(
-            "storage_error",
-            message=str(error),
-            exit_code=EXIT_STORAGE,
-            local_artifacts=str(settings.output_dir / settings.run_id),
-            hint="run again with the same VAT_RUN_ID to upload what is missing",
-        )
+        folder = settings.output_dir / settings.run_id
+        kept = {"local_artifacts": str(folder), "hint": "run again with the same VAT_RUN_ID to upload what is missing"}
+        log.error("storage_error", message=str(error), exit_code=EXIT_STORAGE, **(kept if folder.is_dir() else {}))
         return EXIT_STORAGE
     except GateRefused as error:
         log.error("quality_gate_refused", message=str(error), exit_code=EXIT_GATE_REFUSED, **error.verdict)

@@ -15,8 +15,6 @@ deviation, the way papers report them; runs of different groups are never pooled
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import statistics
 import sys
@@ -26,16 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from job.layout import MANIFEST, NO_SPACE, REPORT, DiskFull, unwritable
+from job.listing import METRICS, metric_name, render_csv, render_table
 from job.presets import IMPLICIT_BEFORE_ADDED
 from job.runid import RUN_ID_PATTERN
 from job.settings import ConfigError, load_settings
-from job.storage import RunStore, StorageError, client_from_settings, list_run_ids
+from job.storage import RunStore, StorageError, client_from_settings, list_run_ids, runs_root
 from job.untrusted import Manifest, Report, Untrusted, mask, path_inside
 from job.verify import download_run, fetch_document_or_problem, manifest_problems
 
-METRICS = [
-    (m, t, k) for m in ("baseline", "vat") for t in ("seeded_test", "mnist_test") for k in ("accuracy", "macro_f1")
-]
 # Settings that differ between runs without making them different experiments.
 NOT_CONFIGURATION = set(
     """
@@ -46,13 +42,7 @@ NOT_CONFIGURATION = set(
     lock_wait_s pushgateway_url pushgateway_timeout_s termination_message_path
     """.split()
 )
-# Settings that name a run rather than describe it: never shown as "settings that differ".
-IDENTITY = {"run_id", "run_group", "job_name", "job_uid"}
 NO_GROUP = "(none)"  # reports written before runs had groups
-
-
-def metric_name(model: str, test_set: str, metric: str) -> str:
-    return f"{model}.{test_set}.{metric}"
 
 
 def read_runs(store_for: Any, run_ids: Sequence[str]) -> list[dict[str, Any]]:
@@ -104,11 +94,6 @@ def only_group(rows: list[dict[str, Any]], group: str) -> list[dict[str, Any]]:
     return [row for row in rows if row.get("group") == group]
 
 
-def differing_settings(rows: list[dict[str, Any]]) -> list[str]:
-    keys = sorted({k for row in rows for k in row.get("settings", {})} - IDENTITY)
-    return [k for k in keys if len({json.dumps(row.get("settings", {}).get(k)) for row in rows}) > 1]
-
-
 def configuration(row: dict[str, Any]) -> dict[str, Any]:
     """The settings that make a run the experiment it is (all but seeds, names and output-only settings)."""
     return {k: v for k, v in row.get("settings", {}).items() if k not in NOT_CONFIGURATION}
@@ -145,57 +130,6 @@ def group_by_configuration(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             }
         summaries.append(summary)
     return summaries
-
-
-def render_table(rows: list[dict[str, Any]], groups: list[dict[str, Any]]) -> str:
-    differing = differing_settings(rows)
-    header = [
-        "run_id",
-        "created_at",
-        "status",
-        "group",
-        *differing,
-        "base seeded acc/F1",
-        "base mnist acc/F1",
-        "vat seeded acc/F1",
-        "vat mnist acc/F1",
-    ]
-    lines = []
-    for row in rows:
-        cells = [row["run_id"], (row.get("created_at") or "")[:19], row["status"], row.get("group", "")]
-        cells += [str(row.get("settings", {}).get(k, "")) for k in differing]
-        for model in ("baseline", "vat"):
-            for test_set in ("seeded_test", "mnist_test"):
-                acc, f1 = (row.get(metric_name(model, test_set, m)) for m in ("accuracy", "macro_f1"))
-                cells.append(f"{acc:.4f}/{f1:.4f}" if acc is not None else "-")
-        lines.append(cells)
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *lines, strict=False)]
-    out = io.StringIO()
-    for cells in [header, *lines]:
-        out.write("  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=False)).rstrip() + "\n")
-    for group in groups:
-        if group["runs"] < 2:
-            continue
-        out.write(
-            f"\n{group['runs']} runs of group {group['group']}, one configuration "
-            f"(label seeds {group['label_split_seeds']}): mean ± std\n"
-        )
-        for model, test_set, metric in METRICS:
-            stat = group[metric_name(model, test_set, metric)]
-            if stat["mean"] is not None:
-                out.write(f"  {metric_name(model, test_set, metric):32s} {stat['mean']:.4f} ± {stat['std']:.4f}\n")
-    return out.getvalue()
-
-
-def render_csv(rows: list[dict[str, Any]]) -> str:
-    differing = differing_settings(rows)
-    columns = ["run_id", "created_at", "status", "group", *differing, *(metric_name(*m) for m in METRICS)]
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({**{k: row.get("settings", {}).get(k) for k in differing}, **row})
-    return out.getvalue()
 
 
 def emit(*parts: Any, file: Any = None, end: str = "\n") -> None:
@@ -244,12 +178,29 @@ def main(argv: Sequence[str]) -> int:
         return 1
 
 
+def flags_that_contradict(args: argparse.Namespace) -> str | None:
+    """One line on flags that cannot go together, or None."""
+    if args.promoted and (args.run or args.download or args.group or args.trend):
+        return "--promoted fetches the promoted model: it takes no --run, --download, --group or --trend"
+    if args.download and not args.run:
+        return "--download needs --run RUN_ID"
+    if args.trend and not args.group:
+        return "--trend needs --group NAME (vat-job collect lists the groups)"
+    if args.plot and not args.trend:
+        return "--plot goes with --trend"
+    return None
+
+
 def _collect(args: argparse.Namespace, settings: Any) -> int:
     client = client_from_settings(settings)
 
     def store_for(run_id: str) -> RunStore:
         return RunStore(client, settings.s3_bucket, settings.s3_prefix, run_id)
 
+    contradiction = flags_that_contradict(args)
+    if contradiction:
+        emit(f"vat-job collect: {contradiction}", file=sys.stderr)
+        return 2
     for folder in (args.promoted, args.download):
         if folder is not None and (why := unwritable(folder)):
             emit(f"vat-job collect: cannot write to {folder}: {why}", file=sys.stderr)
@@ -262,9 +213,6 @@ def _collect(args: argparse.Namespace, settings: Any) -> int:
         emit(f"promoted run {pointer.run_id} (accuracy {pointer.accuracy:.4f}) in {args.promoted}")
         return 0
     if args.download:
-        if not args.run:
-            emit("vat-job collect: --download needs --run RUN_ID", file=sys.stderr)
-            return 2
         if not RUN_ID_PATTERN.fullmatch(args.run):
             emit(f"vat-job collect: --run {args.run!r} is not a run id", file=sys.stderr)
             return 2
@@ -279,19 +227,27 @@ def _collect(args: argparse.Namespace, settings: Any) -> int:
         for problem in problems:
             emit(f"vat-job collect: {args.run}: {problem}", file=sys.stderr)
         return 8 if problems else 0
+    where = f"s3://{settings.s3_bucket}/{runs_root(settings.s3_prefix)}"
     run_ids = [args.run] if args.run else list_run_ids(client, settings.s3_bucket, settings.s3_prefix)
+    if not run_ids or (args.run and not store_for(args.run).remote_objects()):
+        emit(
+            f"vat-job collect: no run {args.run or ''} under {where} (check VAT_S3_PREFIX)".replace("  ", " "),
+            file=sys.stderr,
+        )
+        return 2
     rows = read_runs(store_for, run_ids)
     for row in rows:
         if "problem" in row:
             emit(f"vat-job collect: run {row['run_id']} is damaged: {row['problem']}", file=sys.stderr)
     if args.group:
+        groups_here = sorted({row["group"] for row in rows if "group" in row})
         rows = only_group(rows, args.group)
+        if not rows:
+            listed = ", ".join(groups_here) or "none"
+            emit(f"vat-job collect: no run of group {args.group!r} under {where} (groups: {listed})", file=sys.stderr)
+            return 2
     if args.trend:
         names = sorted({row["group"] for row in rows if "group" in row})
-        if len(names) != 1:
-            listed = ", ".join(names) or "none"
-            emit(f"vat-job collect: --trend needs --group (groups here: {listed})", file=sys.stderr)
-            return 2
         from job import trend as trends
 
         trend = trends.trend_rows(rows, configuration)

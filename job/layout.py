@@ -24,6 +24,7 @@ REPORT = "report.json"
 MANIFEST = "manifest.json"
 LOG = "log.jsonl"
 FINAL_MODEL = "model.pt"
+EXPORTED_MODEL = "model.pt2"  # the same weights as a torch.export program: loads without vat-job
 PLOTS = "plots"
 
 

@@ -12,6 +12,7 @@ Two changes compute the same function faster or let VAT control its noise:
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 
 import torch
@@ -91,3 +92,22 @@ def weight_average(model: nn.Module, decay: float) -> torch.optim.swa_utils.Aver
         torch._foreach_lerp_(ema, current, 1 - keep)
 
     return torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=average, use_buffers=True)
+
+
+class DigitClassifier(nn.Module):
+    """The model as it ships for use without this package: MNIST-style uint8 images [N, 28, 28] (white digit on
+    black) in, logits [N, 10] out; the scaling to [0, 1] is inside."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images.unsqueeze(1).float() / 255.0)
+
+
+def exported(model: nn.Module) -> torch.export.ExportedProgram:
+    """A self-contained program of `model` in eval mode (torch.export: loads with torch alone), any batch size."""
+    classifier = DigitClassifier(copy.deepcopy(model).cpu()).eval()
+    example = torch.zeros(2, 28, 28, dtype=torch.uint8)
+    return torch.export.export(classifier, (example,), dynamic_shapes=({0: torch.export.Dim("batch", max=65536)},))

@@ -10,6 +10,7 @@ import contextlib
 import os
 import re
 import resource
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,9 +19,10 @@ from typing import Any
 import torch
 
 from job import data, evaluate, logs, storage, train
+from job import model as model_exports
 from job.checkpoint import CHECKPOINT_PATTERN, checkpoint_step, list_checkpoints, prune_checkpoints, superseded
 from job.device import configure_backend, resolve_device
-from job.layout import FINAL_MODEL, LOG, PHASES, RunLayout, write_json
+from job.layout import EXPORTED_MODEL, FINAL_MODEL, LOG, PHASES, RunLayout, atomic_write_bytes, write_json
 from job.lock import RunLock
 from job.progress import Progress
 from job.settings import Settings
@@ -38,6 +40,7 @@ def run_job(settings: Settings, stop: StopFlag, log: Any) -> dict[str, Any]:
     device = resolve_device(settings.device)
     configure_backend(device, settings.deterministic)
     layout = RunLayout.of(settings.output_dir, settings.run_id)
+    fresh = not layout.root.exists()
     with stop.waiting(0):  # nothing to save yet: a signal ends these waits at once
         store = storage.open_run_store(settings) if settings.s3_bucket else None  # fails fast, before training
         if store and not store.conditional_writes:
@@ -72,14 +75,21 @@ def run_job(settings: Settings, stop: StopFlag, log: Any) -> dict[str, Any]:
         if store:
             log.info("storage_ready", bucket=settings.s3_bucket, prefix=store.run_prefix, fetched_for_resume=fetched)
 
-        with stop.waiting(0):
-            raw = data.ensure_mnist(
-                settings.data_dir,
-                settings.mnist_mirrors,
-                retries=settings.download_retries,
-                timeout_s=settings.download_timeout_s,
-                on_event=log.warning,
-            )
+        try:
+            with stop.waiting(0):
+                raw = data.ensure_mnist(
+                    settings.data_dir,
+                    settings.mnist_mirrors,
+                    retries=settings.download_retries,
+                    timeout_s=settings.download_timeout_s,
+                    on_event=log.warning,
+                )
+        except data.DataError:
+            if fresh:  # nothing of this run exists yet: no folder holding only a lock and a log is left behind
+                logs.close_run_log()
+                if {p.name for p in layout.root.iterdir()} <= {".lock", LOG}:
+                    shutil.rmtree(layout.root, ignore_errors=True)
+            raise
         split = data.load_mnist(
             raw, settings.test_split_seed, settings.label_split_seed, settings.num_labeled, settings.num_unlabeled
         ).to(device)
@@ -130,6 +140,10 @@ def run_job(settings: Settings, stop: StopFlag, log: Any) -> dict[str, Any]:
                     for m in ("accuracy", "macro_f1")
                 },
             )
+
+        # The VAT model as a program that loads with torch alone (torch.export), for use without this package.
+        program = model_exports.exported(results["vat"].model)
+        atomic_write_bytes(layout.phase("vat") / EXPORTED_MODEL, lambda handle: torch.export.save(program, handle))
 
         from job import report  # matplotlib is loaded only now: it need not sit in memory during training
 

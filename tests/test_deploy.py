@@ -71,8 +71,8 @@ def env_of(pod: dict) -> dict:
 
 
 def minimum_kubernetes_version() -> tuple[int, int]:
-    found = re.search(r"Minimum Kubernetes version: \*\*1\.(\d+)\*\*", (REPO / "README.md").read_text())
-    assert found, "README states the minimum Kubernetes version"
+    found = re.search(r"Minimum Kubernetes version: \*\*1\.(\d+)\*\*", (REPO / "docs" / "kubernetes.md").read_text())
+    assert found, "docs/kubernetes.md states the minimum Kubernetes version"
     return 1, int(found.group(1))
 
 
@@ -175,7 +175,7 @@ def test_the_exit_codes_agree_in_the_cli_its_docstring_and_the_readme():
 
     codes = {value for name, value in vars(cli).items() if name.startswith("EXIT_")}
     documented = {int(m[1]) for m in re.finditer(r"^\s{1,2}(\d{1,2})  \S", cli.__doc__, flags=re.M)}
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "operations.md").read_text()
     section = readme[readme.index("## Exit codes") :]
     section = section[: section.index("\n## ")]
     rows = {int(m[1]) for m in re.finditer(r"^\| (\d+) \|", section, flags=re.M)}

@@ -15,7 +15,13 @@ PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 DEPENDENCIES = [Requirement(line) for line in PROJECT["dependencies"]]
 TEST_EXTRA = [Requirement(line) for line in PROJECT["optional-dependencies"]["test"]]
 # The distribution a module comes from, where the two names differ.
-DISTRIBUTION = {"sklearn": "scikit-learn", "dotenv": "python-dotenv", "pydantic_settings": "pydantic-settings"}
+DISTRIBUTION = {
+    "sklearn": "scikit-learn",
+    "dotenv": "python-dotenv",
+    "pydantic_settings": "pydantic-settings",
+    "PIL": "pillow",
+    "prometheus_client": "prometheus-client",
+}
 
 
 def locked(name: str) -> dict[str, tuple[str, frozenset[str]]]:
