@@ -2,7 +2,8 @@
 # One GPU session, prepared to fit a short lease (under 10 minutes of command time: 120 + 45 + 90 + 330 s at most):
 #  1. the speed table of the job at the article's budget (500 + 3,000 updates, 100 units: issue 2's 20 s target),
 #     with start-up time and a per-kernel profile, then once more with a warm file cache; then the default job,
-#  2. issue 13's accuracy sweep: each candidate on label seeds 1, 2, 3 (selection on the seeded test set; the
+#  2. issue 24's protocol runs (noise over training seeds; the frozen default on label draws 11-15), then
+#     issue 13's accuracy sweep: each candidate on label seeds 1, 2, 3 (selection on the seeded test set; the
 #     sweep also reports every VAT model after BatchNorm re-estimation, `bnre_*`, and with VAT_EMA_DECAY the last
 #     weights beside the average, `last_*`), most promising first, so a deadline that cuts the sweep short still
 #     leaves whole configurations (48 entries, about 306,000 update-equivalents, of which 40,000-60,000 fit:
@@ -79,7 +80,22 @@ candidates = [  # issue 13, most promising first; with EMA every entry also scor
     ("ramp12500_ema0.9995_shift1_hidden1024_25k",
      {**wide, "entmin_rampup_steps": 12500, "train_steps": 25000, "ema_decay": 0.9995}),
 ]
+# Issue 24's protocol first (BENCHMARKS.md section 4): the noise from training seeds on label seed 1, at 6,000 and
+# 3,000 updates (is the doubling worth it on validation alone?), then the frozen default on the reporting draws
+# 11-15, never used for any choice, with its baseline.
+protocol = [(f"noise_{n // 1000}k_label1_trainseed{t}", "vat", {**default, "train_steps": n, "seed": t, "label": 1})
+            for n in (6000, 3000) for t in (0, 1, 2)]
+protocol += [(f"fresh_default_label{d}", phase, {**default, "label": d}) for d in range(11, 16)
+             for phase in ("vat", "baseline")]
 plan = []
+for name, phase, settings in protocol:
+    s = {k: v for k, v in settings.items() if k != "label"}
+    s["label_split_seed"] = settings["label"]
+    s["train_steps"] = max(3, int(s["train_steps"] * scale))
+    s["entmin_rampup_steps"] = max(1, int(s["entmin_rampup_steps"] * scale))
+    if smoke:
+        s.update(unlabeled_batch_size=32, num_unlabeled=2000)
+    plan.append({"name": name, "phase": phase, "settings": s})
 for name, settings in candidates:
     for seed in (1, 2, 3):
         s = {**settings, "label_split_seed": seed}

@@ -45,7 +45,7 @@ def main() -> None:
     from job.device import configure_backend, resolve_device
     from job.evaluate import evaluate
     from job.logs import configure_logging, get_logger
-    from job.settings import load_settings
+    from job.settings import MAX_STEPS, load_settings
     from job.train import Hooks, StopFlag, reestimate_batchnorm, train_phase
 
     def scores(metrics: dict, prefix: str = "") -> dict:
@@ -62,7 +62,7 @@ def main() -> None:
         if time.perf_counter() - began > args.deadline_s:
             print(json.dumps({"name": entry["name"], "skipped": "deadline"}), flush=True)
             continue
-        s = load_settings(env_file=None, checkpoint_every=10**9, log_every_s=1e9, **entry["settings"])
+        s = load_settings(env_file=None, checkpoint_every=MAX_STEPS, log_every_s=86_400, **entry["settings"])
         device = resolve_device(s.device)
         configure_backend(device, s.deterministic)
         key = (s.test_split_seed, s.label_split_seed, s.num_labeled, s.num_unlabeled)
