@@ -23,9 +23,13 @@ def _redact_event(logger: Any, name: str, event_dict: dict[str, Any]) -> dict[st
 
 
 def _run_id_once(logger: Any, name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
-    """At a terminal the run id is shown where the run starts and ends, not on every line."""
+    """At a terminal: the run id where the run starts and ends only, the time of day without the date, and no
+    field that repeats another for machines (job_eta_s beside job_eta)."""
     if event_dict.get("event") not in ("run_started", "run_finished", "config_error"):
         event_dict.pop("run_id", None)
+    event_dict.pop("job_eta_s", None)
+    if isinstance(event_dict.get("timestamp"), str):
+        event_dict["timestamp"] = event_dict["timestamp"][11:19]
     return event_dict
 
 
@@ -78,7 +82,7 @@ def configure_logging(log_format: str = "json", level: str = "info", stream: Tex
             structlog.processors.format_exc_info,
             _redact_event,
             _run_id_once,
-            structlog.dev.ConsoleRenderer(colors=stream.isatty(), sort_keys=False),
+            structlog.dev.ConsoleRenderer(colors=stream.isatty(), sort_keys=False, pad_event_to=12),
         ]
     else:
         renderers = [_TRACEBACKS, _redact_event, structlog.processors.JSONRenderer()]
