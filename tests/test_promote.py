@@ -160,8 +160,8 @@ def test_every_exit_code_is_documented_in_the_cli_and_the_readme():
 
     codes = {value for name, value in vars(cli).items() if name.startswith("EXIT_")}
     readme = (REPO / "README.md").read_text()
-    table = {int(c) for c in re.findall(r"^\| (\d) \| ", readme.split("## Exit codes")[1].split("\n## ")[0], re.M)}
-    documented = {int(c) for c in re.findall(r"^  (\d)  ", cli.__doc__, re.M)}
+    table = {int(c) for c in re.findall(r"^\| (\d+) \| ", readme.split("## Exit codes")[1].split("\n## ")[0], re.M)}
+    documented = {int(c) for c in re.findall(r"^ {1,2}(\d+)  ", cli.__doc__, re.M)}
     assert codes == table == documented and cli.EXIT_GATE_REFUSED == 6
 
 
