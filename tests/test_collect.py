@@ -145,12 +145,14 @@ def test_promoted_model_is_fetched_through_its_pointer(collect_env, capsys, tmp_
 
     class S:
         promote_to, promote_min_accuracy, promote_max_regression = "latest", 0.9, 0.005
+        promote_max_drift, promote_drift_window = 0.01, 30
 
     class Log:
         def info(self, event, **fields):
             pass
 
-    promote_run(store, {"models": {"vat": {"mnist_test": {"accuracy": 0.97}}}}, S(), Log())
+    accuracies = {"seeded_test": {"accuracy": 0.97}, "mnist_test": {"accuracy": 0.96}}
+    promote_run(store, {"models": {"vat": accuracies}}, S(), Log())
     code, out, _ = collected(capsys, "--promoted", str(tmp_path / "serving"))
     assert code == 0 and RUNS[0][0] in out
     assert (tmp_path / "serving" / "model.pt").read_bytes() == b"weights"

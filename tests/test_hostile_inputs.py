@@ -157,6 +157,7 @@ def test_a_garbage_pointer_refuses_promotion_with_its_reason_and_never_overwrite
 
         class Settings:
             promote_to, promote_min_accuracy, promote_max_regression = "latest", 0.5, 0.005
+            promote_max_drift, promote_drift_window = 0.01, 30
 
         with pytest.raises(GateRefused, match="restore the pointer") as refused:
             promote_run(store, report, Settings(), log=None)
