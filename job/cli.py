@@ -9,7 +9,8 @@ Exit codes (documented in docs/operations.md):
   5  interrupted by SIGTERM/SIGINT: a checkpoint was written (or nothing was trained yet); run again with the same
      VAT_RUN_ID to resume. Every wait (network, download, upload) is bounded so that this comes within the grace
   6  quality gate refused (VAT_PROMOTE_TO): the run is complete and kept in the bucket, but its model was not
-     promoted (not accurate enough, or worse than the promoted one); the Job fails so that alerts fire
+     promoted (not accurate enough on validation data, worse than the promoted one, or drifted too far below the
+     recent promoted ones); the Job fails so that alerts fire
   7  run locked: another job is writing the same run id (this machine, or a node sharing the bucket)
   8  verification failed (collect --download): the run's files do not match its manifest, or keys were unsafe
   9  disk full: the run folder could not be written (no space or quota); what was written before is kept

@@ -2,10 +2,11 @@
 
     vat-job collect [--format table|json|csv]          every run under s3://<bucket>/<prefix>/runs/, oldest first
     vat-job collect --group NAME                        only the runs of one group (a sweep, the nightly, one-off)
-    vat-job collect --group NAME --trend [--plot PNG]   accuracy of one group over time, as a table and a PNG,
-                                                        marking where its configuration changed
+    vat-job collect --group NAME --trend [--plot PNG]   validation accuracy of one group over time, as a table and a
+                                                        PNG: promoted and refused runs, the gate's line, changes
     vat-job collect --run RUN_ID --download DIR         fetch one run's artifacts, verified against its manifest
     vat-job collect --promoted DIR                      fetch the promoted model, report and pointer
+    vat-job collect --promoted-history                  every promotion and refusal of the gate, oldest first
 
 Runs of the same group (VAT_RUN_GROUP: a sweep's name, the nightly CronJob's name, one-off) and the same
 configuration (all settings equal but the seeds and run ids) are summarised together, as mean and standard
@@ -29,7 +30,7 @@ from job.presets import IMPLICIT_BEFORE_ADDED
 from job.runid import RUN_ID_PATTERN
 from job.settings import ConfigError, load_settings
 from job.storage import RunStore, StorageError, client_from_settings, list_run_ids, runs_root
-from job.untrusted import Manifest, Report, Untrusted, mask, path_inside
+from job.untrusted import Manifest, Report, Untrusted, mask
 from job.verify import download_run, fetch_document_or_problem, manifest_problems
 
 # Settings that differ between runs without making them different experiments.
@@ -37,7 +38,8 @@ NOT_CONFIGURATION = set(
     """
     run_id seed label_split_seed output_dir data_dir log_format log_level log_every_s s3_bucket s3_prefix
     s3_endpoint_url mnist_mirrors plots label_split_seed_from_index checkpoint_every keep_checkpoints run_group
-    job_name job_uid promote_to promote_min_accuracy promote_max_regression download_retries download_timeout_s
+    job_name job_uid promote_to promote_min_accuracy promote_max_regression promote_max_drift promote_drift_window
+    download_retries download_timeout_s
     s3_addressing_style s3_checksums s3_max_attempts s3_connect_timeout_s s3_read_timeout_s s3_conditional_writes
     lock_wait_s pushgateway_url pushgateway_timeout_s termination_message_path
     """.split()
@@ -144,6 +146,7 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--download", type=Path, help="with --run: fetch the run's artifacts into this folder")
     parser.add_argument("--group", help="only the runs of this group (VAT_RUN_GROUP: sweep name, CronJob name...)")
     parser.add_argument("--trend", action="store_true", help="one group's accuracy over time: a table and a PNG")
+    parser.add_argument("--promoted-history", action="store_true", help="the gate's verdicts (of VAT_PROMOTE_TO)")
     parser.add_argument("--plot", type=Path, help="with --trend: where the PNG goes (default trend-<group>.png)")
     parser.add_argument(
         "--promoted",
@@ -205,13 +208,21 @@ def _collect(args: argparse.Namespace, settings: Any) -> int:
         if folder is not None and (why := unwritable(folder)):
             emit(f"vat-job collect: cannot write to {folder}: {why}", file=sys.stderr)
             return 2
-    if args.promoted:
-        from job.promote import PromotionSlot, fetch_promoted
+    from job import history
+    from job.promote import PromotionSlot, fetch_promoted
 
-        slot = PromotionSlot(client, settings.s3_bucket, settings.s3_prefix, settings.promote_to or "latest")
+    slot = PromotionSlot(client, settings.s3_bucket, settings.s3_prefix, settings.promote_to or "latest")
+    if args.promoted:
         pointer = fetch_promoted(slot, args.promoted)
-        emit(f"promoted run {pointer.run_id} (accuracy {pointer.accuracy:.4f}) in {args.promoted}")
+        emit(f"promoted run {pointer.run_id} ({pointer.metric} {pointer.accuracy:.4f}) in {args.promoted}")
         return 0
+    if args.promoted_history or args.trend:
+        events, problems = history.read(client, settings.s3_bucket, slot.root)
+        for problem in problems:
+            emit(f"vat-job collect: history: {problem}", file=sys.stderr)
+        if args.promoted_history:
+            emit(history.render(events, args.format), end="")
+            return 0
     if args.download:
         if not RUN_ID_PATTERN.fullmatch(args.run):
             emit(f"vat-job collect: --run {args.run!r} is not a run id", file=sys.stderr)
@@ -247,23 +258,9 @@ def _collect(args: argparse.Namespace, settings: Any) -> int:
             emit(f"vat-job collect: no run of group {args.group!r} under {where} (groups: {listed})", file=sys.stderr)
             return 2
     if args.trend:
-        names = sorted({row["group"] for row in rows if "group" in row})
-        from job import trend as trends
+        from job import trend
 
-        trend = trends.trend_rows(rows, configuration)
-        if args.format == "json":
-            emit(json.dumps({"group": names[0], "runs": trend}, indent=2))
-        else:
-            emit(trends.render_trend(names[0], trend), end="")
-        if trend:
-            # The group is a validated name (job.untrusted.Report), and the default file stays in this folder.
-            path = args.plot or path_inside(Path.cwd(), f"trend-{names[0]}.png")
-            if path is None:
-                emit(f"vat-job collect: group {names[0]!r} cannot name a file; pass --plot", file=sys.stderr)
-                return 2
-            trends.plot_trend(names[0], trend, path)
-            emit(f"plot: {path}", file=sys.stderr)
-        return 0
+        return trend.show(rows, configuration, history.latest_per_run(events), args.format, args.plot, emit)
     groups = group_by_configuration(rows)
     if args.format == "json":
         emit(json.dumps({"runs": rows, "configurations": groups}, indent=2))

@@ -20,7 +20,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, Settin
 
 from job.presets import PRESETS
 from job.runid import RUN_ID_PATTERN, cronjob_group, generate_run_id, kubernetes_run_id
-from job.untrusted import BOTO3_ENDPOINTS, checked_url, mask, register_environment_secrets
+from job.untrusted import BOTO3_ENDPOINTS, MAX_DRIFT_WINDOW, checked_url, mask, register_environment_secrets
 
 ENV_PREFIX = "VAT_"
 
@@ -122,10 +122,13 @@ class Settings(BaseSettings):
     s3_read_timeout_s: float = Field(default=20.0, gt=0, le=600)
     lock_wait_s: float = Field(default=150.0, ge=0, le=86_400)
 
-    # Promotion of a finished run's VAT model to s3://<bucket>/<prefix>/<promote_to>/ behind a quality gate.
+    # Promotion of a finished run's VAT model to s3://<bucket>/<prefix>/<promote_to>/ behind a quality gate, which
+    # judges the validation accuracy (vat.seeded_test): job/promote.py.
     promote_to: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
     promote_min_accuracy: float = Field(default=0.95, ge=0, le=1)
     promote_max_regression: float = Field(default=0.005, ge=0, le=1)
+    promote_max_drift: float = Field(default=0.01, ge=0, le=1)  # below the best of the last promote_drift_window
+    promote_drift_window: int = Field(default=30, ge=1, le=MAX_DRIFT_WINDOW)
 
     pushgateway_url: str | None = None  # metrics, at the end of a run (checked_url, like every URL setting)
     pushgateway_timeout_s: float = Field(default=5.0, gt=0, le=60)

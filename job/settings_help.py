@@ -150,12 +150,22 @@ SECTIONS: dict[str, dict[str, str]] = {
     },
     "promotion (nightly retraining)": {
         "promote_to": (
-            "Folder under the prefix that holds the promoted model (e.g. latest); unset: no promotion. Needs "
-            "VAT_S3_BUCKET"
+            "Folder under the prefix that holds the promoted model (e.g. latest); unset: no promotion. "
+            "Needs VAT_S3_BUCKET"
         ),
-        "promote_min_accuracy": "Gate: the VAT model's MNIST test accuracy must be at least this",
+        "promote_min_accuracy": (
+            "Gate: the VAT model's validation accuracy (seeded_test; the MNIST test accuracy is only recorded) "
+            "must be at least this"
+        ),
         "promote_max_regression": (
             "Gate: and not more than this below the promoted model's (accuracy points, 0.005 = half a point)"
+        ),
+        "promote_max_drift": (
+            "Gate: and not more than this below the best of the last VAT_PROMOTE_DRIFT_WINDOW promoted models "
+            "(bounds slow drift)"
+        ),
+        "promote_drift_window": (
+            "Gate: how many of the last promoted models the drift bound looks back on (the pointer remembers them)"
         ),
     },
     "for the platform (Kubernetes, Prometheus)": {

@@ -5,8 +5,8 @@ Three kinds of outside value, one way in for each:
   `path_inside(folder, name)` is the only way to turn it into a path;
 - anything URL-shaped (settings, mirrors, endpoints, and every message or traceback that may quote one):
   `checked_url` validates a URL setting, `mask` hides credentials in any text before it is printed or stored;
-- a JSON document read back from the bucket (report, manifest, promotion pointer, run lease): `parse` reads it
-  with a size bound and a nesting bound into one of the schemas below, or raises `Untrusted` with one line.
+- a JSON document read back from the bucket (report, manifest, promotion pointer and history, run lease):
+  `parse` reads it with a size and a nesting bound into one of the schemas below, or raises `Untrusted`.
 
 What a document does not pass is never half used: the caller gets a schema object whose fields have the types
 and ranges written here, or an `Untrusted` naming the document and the first field that is wrong (never the
@@ -15,18 +15,17 @@ value: it may be garbage megabytes long, or a planted secret).
 
 from __future__ import annotations
 
-import math
 import re
 import urllib.parse
-from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
 from job.runid import RUN_ID_PATTERN
 
 MAX_DOCUMENT_BYTES = 16 * 1024 * 1024  # a report.json is about 10 kB; a pointer or lease well under 1 kB
+MAX_DRIFT_WINDOW = 365  # promoted models a pointer remembers for the drift bound (VAT_PROMOTE_DRIFT_WINDOW)
 
 
 class Untrusted(ValueError):
@@ -166,13 +165,7 @@ def without_userinfo(url: str) -> tuple[str, str | None, str | None]:
 # --- JSON documents -----------------------------------------------------------------------------------------
 
 
-def _finite(value: float) -> float:
-    if not math.isfinite(value):
-        raise ValueError("must be a finite number")
-    return value
-
-
-Fraction = Annotated[float, Field(ge=0, le=1, strict=True), AfterValidator(_finite)]  # "0.9" is not a number
+Fraction = Annotated[float, Field(ge=0, le=1, strict=True, allow_inf_nan=False)]  # "0.9" is not a number
 RunId = Annotated[str, Field(pattern=f"^{RUN_ID_PATTERN.pattern}$", max_length=128)]
 Group = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
@@ -241,10 +234,8 @@ class Manifest(_Document):
     files: dict[RelativeName, ManifestEntry]
 
 
-class PointerFile(_Document):
+class PointerFile(ManifestEntry):
     key: str = Field(min_length=1, max_length=1024)
-    size: Size
-    sha256: Sha256
 
 
 class PointerFiles(_Document):
@@ -262,16 +253,35 @@ class PreviousPromotion(_Document):
 
 
 class Pointer(_Document):
-    """pointer.json of a promotion slot."""
+    """pointer.json of a promotion slot (job/promote.py)."""
 
     run_id: RunId
     group: Group | None = None
     created_at: str | None = Field(default=None, max_length=64)
     promoted_at: str | None = Field(default=None, max_length=64)
-    metric: str = Field(max_length=100)
+    metric: str = Field(max_length=100)  # what `accuracy` (and `recent`) measure; before issue 25: the test set's
     accuracy: Fraction
+    test_accuracy: Fraction | None = None  # the official test set's, beside it; never gated on
     files: PointerFiles
     previous: PreviousPromotion | None = None
+    recent: list[PreviousPromotion] = Field(default=[], max_length=MAX_DRIFT_WINDOW)  # newest first, itself too
+
+
+class HistoryEvent(_Document):
+    """One verdict of a promotion slot's history (job/history.py): a promotion or a refusal."""
+
+    verdict: Literal["promoted", "refused"]
+    run_id: RunId
+    group: Group | None = None
+    at: Annotated[AwareDatetime, Field(strict=True)]
+    metric: str = Field(max_length=100)
+    candidate: Fraction
+    test_accuracy: Fraction | None = None
+    promoted: Fraction | None = None  # the model it was judged against
+    promoted_run_id: RunId | None = None
+    min_accuracy: Fraction | None = None
+    drift_floor: Fraction | None = None
+    reason: str = Field(default="", max_length=2000, pattern=r"^[^\x00-\x1f\x7f]*$")  # one line, no escapes
 
 
 LEASE_MAX_S = 3600.0  # an hour without renewal; longer would lock a run out for a night after a crash
@@ -283,7 +293,7 @@ class Lease(_Document):
     host: str = Field(default="?", max_length=255)
     pid: int | None = Field(default=None, ge=0, le=2**31)
     token: str | None = Field(default=None, max_length=64)
-    lease_s: Annotated[float, Field(gt=0, le=LEASE_MAX_S), AfterValidator(_finite)]
+    lease_s: Annotated[float, Field(gt=0, le=LEASE_MAX_S, allow_inf_nan=False)]
 
 
 Doc = TypeVar("Doc", bound=BaseModel)
@@ -302,12 +312,3 @@ def parse(body: bytes | str, schema: type[Doc], what: str) -> Doc:
             raise Untrusted(f"{what} is not valid JSON (truncated?)") from None
         where = ".".join(str(part) for part in first["loc"]) or "the document"
         raise Untrusted(f"{what}: {where}: {first['msg']}") from None
-
-
-def parse_time(text: str) -> datetime | None:
-    """An ISO 8601 time with a zone, or None."""
-    try:
-        value = datetime.fromisoformat(text)
-    except (TypeError, ValueError):
-        return None
-    return value if value.tzinfo is not None else None

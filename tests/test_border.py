@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from job import untrusted
 from job.untrusted import (
+    HistoryEvent,
     Lease,
     Manifest,
     Pointer,
@@ -133,6 +134,20 @@ GOOD = {
         },
     },
     Lease: {"host": "node-a", "pid": 7, "token": "t", "lease_s": 120.0},
+    HistoryEvent: {
+        "verdict": "refused",
+        "run_id": "r2",
+        "group": "g",
+        "at": "2026-11-30T02:00:00+00:00",
+        "metric": "vat.seeded_test.accuracy",
+        "candidate": 0.97,
+        "test_accuracy": 0.96,
+        "promoted": 0.99,
+        "promoted_run_id": "r1",
+        "min_accuracy": 0.95,
+        "drift_floor": 0.98,
+        "reason": "accuracy 0.9700 is more than 0.0050 below the promoted model's 0.9900",
+    },
 }
 
 

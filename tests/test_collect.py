@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from job import collect, trend
+from job import collect, history, trend
 from job.storage import RunStore, make_client
 from tests.test_storage import BUCKET, s3_server  # noqa: F401  (s3_server is a fixture)
 
@@ -34,15 +34,46 @@ def bucket(s3_server, tmp_path_factory):  # noqa: F811
             # The newest nightly run was made after VAT_HIDDEN_UNITS and VAT_KEEP_CHECKPOINTS existed (the width
             # the one before had, a file count that is not an experiment): still the same configuration.
             | ({"hidden_units": 100, "keep_checkpoints": 2} if created_at.startswith("2026-11-29") else {}),
-            "models": {
-                "vat": {"mnist_test": {"accuracy": accuracy, "macro_f1": accuracy - 0.001}},
-                "baseline": {"mnist_test": {"accuracy": 0.80, "macro_f1": 0.79}},
+            "models": {  # the validation (seeded_test) accuracy a little above the test set's
+                "vat": {
+                    "seeded_test": {"accuracy": round(accuracy + 0.003, 4), "macro_f1": accuracy},
+                    "mnist_test": {"accuracy": accuracy, "macro_f1": accuracy - 0.001},
+                },
+                "baseline": {t: {"accuracy": 0.80, "macro_f1": 0.79} for t in ("seeded_test", "mnist_test")},
             },
         }
         for name in ("report.json", "manifest.json"):
             client.put_object(Bucket=BUCKET, Key=f"{PREFIX}/runs/{run_id}/{name}", Body=json.dumps(report).encode())
     client.put_object(Bucket=BUCKET, Key=f"{PREFIX}/runs/crashed-early/vat/checkpoint-0000002.pt", Body=b"x")
+    for event in VERDICTS:  # what the gate of VAT_PROMOTE_TO=latest recorded
+        history.append(client, BUCKET, f"{PREFIX}/latest/", event)
+    client.put_object(Bucket=BUCKET, Key=f"{PREFIX}/latest/history/20261130T000000000000Z-refused-x.json", Body=b"{")
+    client.put_object(Bucket=BUCKET, Key=f"{PREFIX}/latest/history/\x1b[2J.json", Body=b"{}")
     return s3_server
+
+
+def verdict(run_id, at, verdict, candidate, against=(None, None), drift_floor=None, reason="ok"):
+    return {
+        "verdict": verdict,
+        "run_id": run_id,
+        "group": "vat-job-nightly",
+        "at": at,
+        "metric": "vat.seeded_test.accuracy",
+        "candidate": candidate,
+        "test_accuracy": round(candidate - 0.003, 4),
+        "promoted": against[1],
+        "promoted_run_id": against[0],
+        "min_accuracy": 0.95,
+        "drift_floor": drift_floor,
+        "reason": reason,
+    }
+
+
+VERDICTS = [
+    verdict(RUNS[0][0], "2026-11-27T03:00:00+00:00", "promoted", 0.9731),
+    verdict(RUNS[6][0], "2026-11-28T03:00:00+00:00", "promoted", 0.9742, (RUNS[0][0], 0.9731), 0.9631),
+    verdict(RUNS[5][0], "2026-11-29T03:00:00+00:00", "refused", 0.9682, (RUNS[6][0], 0.9742), 0.9642, "too low"),
+]
 
 
 @pytest.fixture
@@ -99,7 +130,10 @@ def test_trend_of_one_group_as_a_table_and_a_png(collect_env, capsys):
         "20261128T0200Z-vat-job-nightly-eeee5555",
         "20261129T0200Z-vat-job-nightly-dddd4444",
     ]
-    assert [r[2] for r in rows] == ["0.9701", "0.9712", "0.9652"] and rows[2][3] == "-0.0060"
+    assert [r[2] for r in rows] == ["0.9731", "0.9742", "0.9682"] and rows[2][3] == "-0.0060", "validation"
+    assert [r[4] for r in rows] == ["0.9701", "0.9712", "0.9652"], "the test set's beside it"
+    assert [r[6:8] for r in rows] == [["promoted", "0.9500"], ["promoted", "0.9631"], ["refused", "0.9642"]]
+    assert "history: 1 object(s) under" in err and "refused-x.json is not valid JSON" in err, "named, left out"
     png = collect_env / "trend-vat-job-nightly.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "plot:" in err
 
@@ -142,13 +176,29 @@ def test_promoted_model_is_fetched_through_its_pointer(collect_env, capsys, tmp_
 
     class S:
         promote_to, promote_min_accuracy, promote_max_regression = "latest", 0.9, 0.005
+        promote_max_drift, promote_drift_window = 0.01, 30
 
     class Log:
         def info(self, event, **fields):
             pass
 
-    promote_run(store, {"models": {"vat": {"mnist_test": {"accuracy": 0.97}}}}, S(), Log())
+    accuracies = {"seeded_test": {"accuracy": 0.97}, "mnist_test": {"accuracy": 0.96}}
+    promote_run(store, {"models": {"vat": accuracies}}, S(), Log())
     code, out, _ = collected(capsys, "--promoted", str(tmp_path / "serving"))
     assert code == 0 and RUNS[0][0] in out
     assert (tmp_path / "serving" / "model.pt").read_bytes() == b"weights"
     assert json.loads((tmp_path / "serving" / "pointer.json").read_text())["run_id"] == RUNS[0][0]
+
+
+def test_promoted_history_lists_every_verdict_oldest_first(collect_env, capsys):
+    code, out, err = collected(capsys, "--promoted-history")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split()[:6] == ["at", "verdict", "run_id", "group", "val", "acc"]
+    assert [line.split()[1:3] for line in lines[1:]] == [[v["verdict"], v["run_id"]] for v in VERDICTS]
+    assert lines[3].split()[4:] == ["0.9682", "0.9652", f"{RUNS[6][0]}", "(0.9742)", "0.9642", "too", "low"]
+    assert "\x1b" not in out + err and "not valid JSON" in err
+    code, out, _ = collected(capsys, "--promoted-history", "--format", "json")
+    assert [e["run_id"] for e in json.loads(out)["history"]] == [v["run_id"] for v in VERDICTS]
+    code, out, _ = collected(capsys, "--promoted-history", "--format", "csv")
+    assert out.splitlines()[0].startswith("verdict,run_id,group,at,metric,candidate,test_accuracy") and code == 0

@@ -57,6 +57,8 @@ def cli(env, *args, timeout=300, limit_file_bytes=None):
 def collect_env(tmp_path, server, prefix, **settings):
     env = job_env(tmp_path, tmp_path / "no-mnist", S3_BUCKET=BUCKET, S3_PREFIX=prefix, **settings)
     env.update(server["env"])
+    # Run from another folder, `python -m job` must still be this checkout's (not what an editable install names).
+    env["PYTHONPATH"] = str(REPO)
     return env
 
 
@@ -157,6 +159,7 @@ def test_a_garbage_pointer_refuses_promotion_with_its_reason_and_never_overwrite
 
         class Settings:
             promote_to, promote_min_accuracy, promote_max_regression = "latest", 0.5, 0.005
+            promote_max_drift, promote_drift_window = 0.01, 30
 
         with pytest.raises(GateRefused, match="restore the pointer") as refused:
             promote_run(store, report, Settings(), log=None)
@@ -479,6 +482,14 @@ def garbage_bucket(client, prefix, rng: random.Random, planted: str, aws_secret:
         body = rng.choice(bodies)
         put(client, f"{prefix}/runs/{run_id}/{name}", body, sha(body) if rng.random() < 0.5 else None)
     put(client, f"{prefix}/latest/pointer.json", rng.choice(bodies))
+    event = {"verdict": "refused", "run_id": "ok-run", "at": "2026-11-30T02:00:00+00:00", "metric": "m"}
+    bodies += [
+        json.dumps({**event, "candidate": 0.9, "reason": f"see https://u:{planted}@h/ and {aws_secret}"}).encode(),
+        json.dumps({**event, "candidate": 0.9, "reason": "\x1b]0;owned\x07"}).encode(),
+        json.dumps({**event, "candidate": float("nan"), "run_id": "../../x"}).encode(),
+    ]
+    for name in [*keys, *(f"20261130T0200000000{i:02d}Z-refused-ok-run.json" for i in range(6))]:
+        put(client, f"{prefix}/latest/history/{name}", rng.choice(bodies))
     leaky = intact_run(client, prefix, "leaky", day=3, group="nightly")
     leaky["settings"]["s3_endpoint_url"] = f"https://u:{planted}@h/"  # a valid report quoting a secret
     put(client, f"{prefix}/runs/leaky/report.json", json.dumps(leaky).encode())
@@ -500,6 +511,8 @@ def test_collect_over_a_bucket_of_garbage_never_escapes_never_leaks_never_crashe
         ["collect", "--format", "csv"],
         ["collect", "--group", "nightly", "--trend"],
         ["collect", "--promoted", str(work / "promoted")],
+        ["collect", "--promoted-history"],
+        ["collect", "--promoted-history", "--format", "csv"],
         *[["collect", "--run", r, "--download", str(work / "dl")] for r in ("g1", "g2", "g3", "ok-run", "intact-1")],
     ]
     for args in calls:
@@ -512,7 +525,7 @@ def test_collect_over_a_bucket_of_garbage_never_escapes_never_leaks_never_crashe
             result.returncode,
             output[-2000:],
         )
-        assert planted not in output, (args, output[-2000:])
+        assert planted not in output and "\x1b" not in output, (args, output[-2000:])
         if args[1:] == ["--format", "json"]:
             rows = {row["run_id"]: row for row in json.loads(result.stdout)["runs"]}
             assert rows["intact-1"]["status"] == rows["intact-2"]["status"] == "complete"
