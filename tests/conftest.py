@@ -38,6 +38,35 @@ def _clean_vat_environment(monkeypatch):
             monkeypatch.delenv(name)
 
 
+@pytest.fixture(autouse=True)
+def _logging_stays_in_its_test():
+    """A test that configures the job's logging (root handler, structlog, excepthook) leaves the process as it was:
+    otherwise an in-process server's request lines (werkzeug) reach a later test's captured stdout."""
+    import logging
+    import sys
+
+    import structlog
+
+    root = logging.getLogger()
+    handlers, level, hook = list(root.handlers), root.level, sys.excepthook
+    yield
+    root.handlers, sys.excepthook = handlers, hook
+    root.setLevel(level)
+    structlog.reset_defaults()
+
+
+@pytest.fixture(autouse=True)
+def _registered_secrets_stay_in_their_test():
+    """job.untrusted masks every secret registered in this process: one test's secrets must not mask another's
+    output (a generated "000000" would turn a later table's 0.9000000 into stars)."""
+    from job import untrusted
+
+    saved = set(untrusted._registered)
+    yield
+    untrusted._registered.clear()
+    untrusted._registered.update(saved)
+
+
 @pytest.fixture(scope="session")
 def mnist_dir() -> Path:
     if not (SHARED_MNIST / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
