@@ -12,6 +12,7 @@ import re
 import resource
 import shutil
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -143,7 +144,9 @@ def run_job(settings: Settings, stop: StopFlag, log: Any) -> dict[str, Any]:
 
         # The VAT model as a program that loads with torch alone (torch.export), for use without this package.
         program = model_exports.exported(results["vat"].model)
-        atomic_write_bytes(layout.phase("vat") / EXPORTED_MODEL, lambda handle: torch.export.save(program, handle))
+        with warnings.catch_warnings():  # torch's note on tensor groups when saving to a stream: not ours to act on
+            warnings.filterwarnings("ignore", message="No complete tensor found in the group")
+            atomic_write_bytes(layout.phase("vat") / EXPORTED_MODEL, lambda handle: torch.export.save(program, handle))
 
         from job import report  # matplotlib is loaded only now: it need not sit in memory during training
 
