@@ -222,3 +222,34 @@ def s3rver_on_loopback(bucket: str) -> Iterator[dict]:
         process.terminate()
         process.wait(timeout=10)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def run_job_cli(
+    env: dict,
+    *args: str,
+    cwd: Path = REPO,
+    timeout: float = 300,
+    umask: int | None = None,
+    limit_file_bytes: int | None = None,
+):
+    """`python -m job ARGS` in a subprocess, output captured; optionally under a umask or a file-size limit (EFBIG:
+    what a full disk looks like to the process)."""
+    import resource
+    import subprocess
+    import sys
+
+    def limits() -> None:
+        if umask is not None:
+            os.umask(umask)
+        if limit_file_bytes:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit_file_bytes, limit_file_bytes))
+
+    return subprocess.run(
+        [sys.executable, "-m", "job", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=limits,
+    )

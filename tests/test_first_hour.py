@@ -11,19 +11,9 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, job_env
+from tests.conftest import REPO, job_env, run_job_cli
 
-
-def run_cli(env, *args, cwd=REPO, timeout=300, umask=None):
-    return subprocess.run(
-        [sys.executable, "-m", "job", *args],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        preexec_fn=(lambda: os.umask(umask)) if umask is not None else None,
-    )
+run_cli = run_job_cli
 
 
 @pytest.fixture(scope="module")

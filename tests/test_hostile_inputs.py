@@ -7,7 +7,6 @@ import hashlib
 import http.server
 import json
 import random
-import resource
 import subprocess
 import sys
 import threading
@@ -19,7 +18,7 @@ import pytest
 from job.layout import RunLayout
 from job.lock import RunLock, RunLocked
 from job.storage import RunStore, make_client
-from tests.conftest import REPO, job_env, moto_on_loopback, s3rver_on_loopback
+from tests.conftest import REPO, job_env, moto_on_loopback, run_job_cli, s3rver_on_loopback
 
 BUCKET = "vat-results"
 SECRET = "supersecret7"
@@ -38,20 +37,7 @@ def aws(moto, monkeypatch):
     return moto["client"]
 
 
-def cli(env, *args, timeout=300, limit_file_bytes=None):
-    def limits():
-        if limit_file_bytes:
-            resource.setrlimit(resource.RLIMIT_FSIZE, (limit_file_bytes, limit_file_bytes))
-
-    return subprocess.run(
-        [sys.executable, "-m", "job", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-        preexec_fn=limits,
-    )
+cli = run_job_cli
 
 
 def collect_env(tmp_path, server, prefix, **settings):
