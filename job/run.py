@@ -193,7 +193,7 @@ def run_job(settings: Settings, stop: StopFlag, log: Any) -> dict[str, Any]:
             log.info("uploading", to=f"s3://{settings.s3_bucket}/{store.run_prefix}")
             with stop.waiting(UPLOAD_GRACE_S):
                 manifest = store.upload_run(
-                    layout, on_event=log.debug, stale=lambda rel: checkpoint_step(rel.rpartition("/")[2]) is not None
+                    layout, on_event=log.info, stale=lambda rel: checkpoint_step(rel.rpartition("/")[2]) is not None
                 )
             log.info("run_uploaded", bucket=settings.s3_bucket, prefix=store.run_prefix, files=len(manifest["files"]))
             if settings.promote_to:

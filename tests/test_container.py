@@ -167,7 +167,9 @@ def test_readme_commands_run_as_written_on_cpu(docker, mnist, workdir):
         f"README docker run, {SHORT['VAT_BASELINE_STEPS']}+{SHORT['VAT_TRAIN_STEPS']} updates on CPU: {seconds:.1f} s"
     )
     records = json_lines(result.stdout)
-    assert records[-1]["event"] == "run_finished" and records[-1]["run_id"] == "readme", seconds
+    assert [r["event"] for r in records[-2:]] == ["run_finished", "summary"] and records[-1]["run_id"] == "readme", (
+        seconds
+    )
     folder = workdir / "runs" / "readme"
     report = json.loads((folder / "report.json").read_text())
     assert report["settings"]["data_dir"] == "/data" and report["settings"]["output_dir"] == "/output"

@@ -37,7 +37,7 @@ def test_job_exits_0_and_every_stdout_line_is_json_with_the_required_keys(finish
     assert all(REQUIRED_LOG_KEYS <= record.keys() for record in records)
     assert {r["run_id"] for r in records} == {"e2e"}
     events = [r["event"] for r in records]
-    assert "progress" in events and events[-1] == "run_finished"
+    assert "progress" in events and events[-2:] == ["run_finished", "summary"]
     progress = next(r for r in records if r["event"] == "progress")
     assert {"step", "steps_per_s", "eta_s", "cross_entropy"} <= progress.keys()
     assert result.stderr.strip() == ""

@@ -79,7 +79,7 @@ def test_every_artifact_arrives_intact_and_the_manifest_describes_them(uploaded_
         body = client.get_object(Bucket=BUCKET, Key=f"team/vat/runs/up-1/{name}")["Body"].read()
         assert len(body) == entry["size"] and hashlib.sha256(body).hexdigest() == entry["sha256"], name
         assert (local / name).read_bytes() == body, name
-    assert events(result.stdout)[-1]["event"] == "run_uploaded"
+    assert [e["event"] for e in events(result.stdout)[-2:]] == ["run_uploaded", "summary"]
     assert "testing-secret" not in result.stdout and "testing-secret" not in (local / "log.jsonl").read_text()
 
 
