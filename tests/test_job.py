@@ -39,7 +39,7 @@ def test_job_exits_0_and_every_stdout_line_is_json_with_the_required_keys(finish
     events = [r["event"] for r in records]
     assert "progress" in events and events[-2:] == ["run_finished", "summary"]
     progress = next(r for r in records if r["event"] == "progress")
-    assert {"step", "steps_per_s", "eta_s", "cross_entropy"} <= progress.keys()
+    assert {"phase", "step", "of", "percent", "job_eta", "job_eta_s", "steps_per_s", "cross_entropy"} <= progress.keys()
     assert result.stderr.strip() == ""
     assert (
         json_lines((folder / "log.jsonl").read_text()) == records[: len(json_lines((folder / "log.jsonl").read_text()))]
