@@ -223,28 +223,25 @@ def _collect(args: argparse.Namespace, settings: Any) -> int:
         if args.promoted_history:
             emit(history.render(events, args.format), end="")
             return 0
-    if args.download:
+    where = f"s3://{settings.s3_bucket}/{runs_root(settings.s3_prefix)}"
+    if args.run:  # one check for listing and download: a run id, and a run the bucket holds
         if not RUN_ID_PATTERN.fullmatch(args.run):
             emit(f"vat-job collect: --run {args.run!r} is not a run id", file=sys.stderr)
             return 2
-        store = store_for(args.run)
-        if not store.remote_objects():
-            emit(f"vat-job collect: no run {args.run!r} in the bucket", file=sys.stderr)
+        if not store_for(args.run).remote_objects():
+            emit(f"vat-job collect: no run {args.run} under {where}", file=sys.stderr)
             return 2
-        fetched, problems, notes = download_run(store, args.download / args.run)
+    if args.download:
+        fetched, problems, notes = download_run(store_for(args.run), args.download / args.run)
         emit(f"{len(fetched)} files of run {args.run} in {args.download / args.run}")
         for note in notes:
             emit(f"vat-job collect: {args.run}: warning: {note} (skipped)", file=sys.stderr)
         for problem in problems:
             emit(f"vat-job collect: {args.run}: {problem}", file=sys.stderr)
         return 8 if problems else 0
-    where = f"s3://{settings.s3_bucket}/{runs_root(settings.s3_prefix)}"
     run_ids = [args.run] if args.run else list_run_ids(client, settings.s3_bucket, settings.s3_prefix)
-    if not run_ids or (args.run and not store_for(args.run).remote_objects()):
-        emit(
-            f"vat-job collect: no run {args.run or ''} under {where} (check VAT_S3_PREFIX)".replace("  ", " "),
-            file=sys.stderr,
-        )
+    if not run_ids:
+        emit(f"vat-job collect: no run under {where} (check VAT_S3_PREFIX)", file=sys.stderr)
         return 2
     rows = read_runs(store_for, run_ids)
     for row in rows:

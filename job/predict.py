@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -48,8 +48,8 @@ def load_model(where: Path, phase: str = "vat") -> torch.nn.Module:
     return DigitClassifier(model).eval()
 
 
-def images_of(path: Path, invert: bool) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, uint8 [N, 28, 28]) for a PNG (N = 1) or an IDX image file."""
+def images_of(path: Path, invert: bool) -> torch.Tensor:
+    """uint8 [N, 28, 28]: a PNG's one image, or every image of an IDX image file."""
     try:
         if path.read_bytes()[:4] == b"\x00\x00\x08\x03":  # IDX: unsigned bytes, 3 dimensions
             images = read_idx(path, dims=3)
@@ -63,7 +63,7 @@ def images_of(path: Path, invert: bool) -> Iterator[tuple[str, torch.Tensor]]:
         raise PredictError(f"{path}: not a PNG or an MNIST IDX image file ({error})") from None
     if images.shape[1:] != (28, 28):
         raise PredictError(f"{path}: images of {tuple(images.shape[1:])} pixels, not 28 x 28")
-    yield str(path), 255 - images if invert else images
+    return 255 - images if invert else images
 
 
 def main(argv: Sequence[str]) -> int:
@@ -81,8 +81,8 @@ def main(argv: Sequence[str]) -> int:
             model = load_model(where, "baseline" if args.baseline else "vat")
             with torch.inference_mode():
                 for file in args.files:
-                    for name, images in images_of(file, args.invert):
-                        say_predictions(name, model(images).softmax(1), indexed=len(images) > 1)
+                    images = images_of(file, args.invert)
+                    say_predictions(str(file), model(images).softmax(1), indexed=len(images) > 1)
     except (PredictError, ConfigError, StorageError, Untrusted) as error:
         print(mask(f"vat-job predict: {error}"), file=sys.stderr)
         codes = {ConfigError: 2, StorageError: 4, Untrusted: 8}

@@ -20,11 +20,11 @@ from typing import Any
 import torch
 
 from job import data, evaluate, logs, storage, train
-from job import model as model_exports
 from job.checkpoint import CHECKPOINT_PATTERN, checkpoint_step, list_checkpoints, prune_checkpoints, superseded
 from job.device import configure_backend, resolve_device
 from job.layout import EXPORTED_MODEL, FINAL_MODEL, LOG, PHASES, RunLayout, atomic_write_bytes, write_json
 from job.lock import RunLock
+from job.model import exported
 from job.progress import Progress
 from job.settings import Settings
 from job.stop import UPLOAD_GRACE_S, Interrupted, StopFlag, Stopped
@@ -143,7 +143,7 @@ def run_job(settings: Settings, stop: StopFlag, log: Any) -> dict[str, Any]:
             )
 
         # The VAT model as a program that loads with torch alone (torch.export), for use without this package.
-        program = model_exports.exported(results["vat"].model)
+        program = exported(results["vat"].model)
         with warnings.catch_warnings():  # torch's note on tensor groups when saving to a stream: not ours to act on
             warnings.filterwarnings("ignore", message="No complete tensor found in the group")
             atomic_write_bytes(layout.phase("vat") / EXPORTED_MODEL, lambda handle: torch.export.save(program, handle))
@@ -185,11 +185,8 @@ def run_job(settings: Settings, stop: StopFlag, log: Any) -> dict[str, Any]:
             logs.close_run_log()  # the log is complete: what follows goes to stdout only
             lock.check()  # never two writers: a job whose lease was taken over does not write the manifest
             for phase in PHASES:  # a resume may have fetched older checkpoints than the kept ones: not shipped
-                prune_checkpoints(
-                    layout.phase(phase),
-                    max(dict(list_checkpoints(layout.phase(phase))), default=0),
-                    settings.keep_checkpoints,
-                )
+                for newest, _ in list_checkpoints(layout.phase(phase))[:1]:
+                    prune_checkpoints(layout.phase(phase), newest, settings.keep_checkpoints)
             log.info("uploading", to=f"s3://{settings.s3_bucket}/{store.run_prefix}")
             with stop.waiting(UPLOAD_GRACE_S):
                 manifest = store.upload_run(
