@@ -46,6 +46,7 @@ def assert_same_weights(a, b):
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.slow  # trains several phases: tens of seconds
 def test_same_seed_same_result_and_another_seed_differs(mnist_split, tmp_path):
     s = small_settings()
     first = run_phase("vat", s, mnist_split, tmp_path / "a")
@@ -63,13 +64,14 @@ def test_training_reads_the_labels_of_the_labelled_images_and_no_other(mnist_spl
     labels = mnist_split.train_labels.clone()
     labels[others] = (labels[others] + 1) % 10
     hidden = dataclasses.replace(mnist_split, train_labels=labels)
-    s = small_settings()
+    s = small_settings(hidden_units=24, baseline_steps=2, train_steps=2)  # a few updates show any label read
     seen = run_phase(phase, s, mnist_split, tmp_path / "seen")
     blind = run_phase(phase, s, hidden, tmp_path / "blind")
     assert_same_weights(weights(seen.model), weights(blind.model))
     assert seen.history == blind.history
 
 
+@pytest.mark.slow  # trains several phases: tens of seconds
 @pytest.mark.parametrize(
     "phase, options",
     [
@@ -130,6 +132,7 @@ def test_checkpoints_a_resume_skipped_as_damaged_never_push_out_the_one_just_wri
     assert max(p.name for p in tmp_path.glob("checkpoint-*.pt")) == "checkpoint-0000006.pt"
 
 
+@pytest.mark.slow  # trains several phases: tens of seconds
 def test_hidden_units_set_the_width_both_models_train_and_ship_and_a_resume_must_keep(mnist_split, tmp_path):
     from job.checkpoint import ResumeMismatch
 
@@ -143,6 +146,7 @@ def test_hidden_units_set_the_width_both_models_train_and_ship_and_a_resume_must
         run_phase("vat", small_settings(ema_decay=0.9), mnist_split, tmp_path / "vat")
 
 
+@pytest.mark.slow  # trains several phases: tens of seconds
 def test_checkpoints_from_before_hidden_units_existed_are_the_articles_width_and_unknown_settings_are_refused(
     mnist_split, tmp_path
 ):
@@ -268,6 +272,7 @@ def test_atomic_save_leaves_old_file_when_writing_fails(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [path.name], "no temporary file left behind"
 
 
+@pytest.mark.slow  # trains several phases: tens of seconds
 def test_entmin_weight_ramps_up_linearly_and_a_resumed_run_continues_the_ramp(mnist_split, tmp_path):
     from job.train import entmin_weight_at
 
@@ -407,6 +412,7 @@ def test_weight_average_starts_at_the_weights_and_follows_them_with_the_warm_up_
     assert torch.equal(ema.module.bn1.num_batches_tracked, model.bn1.num_batches_tracked)
 
 
+@pytest.mark.slow
 def test_vat_with_weight_average_ships_the_average(mnist_split, tmp_path):
     result = run_phase("vat", small_settings(ema_decay=0.9), mnist_split, tmp_path)
     assert result.model is not result.last_weights
