@@ -1,5 +1,6 @@
 """A fault-injecting HTTP proxy on 127.0.0.1 in front of a real server (moto): passes requests through, or
-answers 503 to some methods, or accepts connections and never answers (a hung server). Tests switch `mode`."""
+answers 503 to some methods, or accepts connections and never answers (a hung server), or loses the last byte of
+every upload on its way (a body that does not arrive intact). Tests switch `mode`; `requests` lists what came."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ import urllib.parse
 class FaultProxy:
     def __init__(self, upstream: str) -> None:
         self.upstream = urllib.parse.urlsplit(upstream)
-        self.mode = "pass"  # pass | fail_put (503 to PUT and POST) | hang (read the request, never answer)
+        # pass | fail_put (503 to PUT and POST) | hang (read the request, never answer) | truncate_put (PUT bodies lose
+        # their last byte before they reach the server, which answers as if all was well)
+        self.mode = "pass"
+        self.requests: list[tuple[str, str]] = []  # (method, path) of every request, in order
         self.released = threading.Event()  # set at close: hung handlers return
         proxy = self
 
@@ -25,6 +29,7 @@ class FaultProxy:
             def _relay(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
+                proxy.requests.append((self.command, self.path))
                 if proxy.mode == "hang":
                     proxy.released.wait(120)  # bounded: the test closes the proxy long before
                     self.close_connection = True
@@ -38,6 +43,10 @@ class FaultProxy:
                     return
                 conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=30)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("expect", "connection")}
+                if proxy.mode == "truncate_put" and self.command == "PUT" and body:
+                    body = body[:-1]
+                    headers = {k: v for k, v in headers.items() if k.lower() != "content-length"}
+                    headers["Content-Length"] = str(len(body))
                 conn.request(self.command, self.path, body=body, headers=headers)
                 response = conn.getresponse()
                 data = response.read()

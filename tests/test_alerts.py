@@ -4,9 +4,10 @@ tests; the PrometheusRule for the Prometheus Operator holds the same groups; the
 import re
 import subprocess
 
+import pytest
 import yaml
 
-from tests.conftest import REPO, tool
+from tests.support import REPO, tool
 from tests.test_deploy import render_overlay
 
 MONITORING = REPO / "k8s" / "monitoring"
@@ -24,6 +25,7 @@ def test_promtool_checks_the_rules():
     assert "SUCCESS: 4 rules found" in promtool("check", "rules", RULES.name)
 
 
+@pytest.mark.slow
 def test_promtool_unit_tests_of_the_alerts_pass():
     assert "SUCCESS" in promtool("test", "rules", "vat-job.rules.test.yml")
 

@@ -1,12 +1,10 @@
 """What a user sees when the job stops on an error: one line and a documented exit code, a traceback only for bugs."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import REPO, job_env
+from tests.support import job_env, python, run_job
 
 # An internal error as users meet it: the job's entry point, with the run itself replaced by a bug.
 WITH_A_BUG = """
@@ -22,14 +20,9 @@ sys.exit(job.cli.main([]))
 """
 
 
-def run_with_a_bug(env):
-    return subprocess.run(
-        [sys.executable, "-c", WITH_A_BUG], env=env, capture_output=True, text=True, timeout=120, cwd=REPO
-    )
-
-
+@pytest.mark.slow
 def test_internal_error_in_json_is_one_line_with_the_traceback(tmp_path, mnist_dir):
-    result = run_with_a_bug(job_env(tmp_path, mnist_dir))
+    result = python("-c", WITH_A_BUG, env=job_env(tmp_path, mnist_dir), timeout=120)
     assert result.returncode == 1
     assert result.stderr == ""
     (line,) = [json.loads(text) for text in result.stdout.splitlines()]
@@ -39,8 +32,9 @@ def test_internal_error_in_json_is_one_line_with_the_traceback(tmp_path, mnist_d
     assert exception["frames"][-1]["name"] == "run_job"
 
 
+@pytest.mark.slow
 def test_internal_error_in_console_prints_the_traceback_once(tmp_path, mnist_dir):
-    result = run_with_a_bug(job_env(tmp_path, mnist_dir, LOG_FORMAT="console"))
+    result = python("-c", WITH_A_BUG, env=job_env(tmp_path, mnist_dir, LOG_FORMAT="console"), timeout=120)
     assert result.returncode == 1
     assert result.stderr == ""  # no second traceback from the renderer itself (it used to crash on the list)
     assert result.stdout.count("Traceback (most recent call last)") == 1
@@ -53,20 +47,19 @@ def test_unwritable_output_folder_is_one_line_and_exit_2_before_torch_loads(tmp_
     blocker.write_text("")
     env = job_env(tmp_path, tmp_path, OUTPUT_DIR=str(blocker / "runs"), LOG_FORMAT=log_format)
     command = "import sys, job.cli; code = job.cli.main([]); assert 'torch' not in sys.modules; sys.exit(code)"
-    result = subprocess.run([sys.executable, "-c", command], env=env, capture_output=True, text=True, timeout=60)
+    result = python("-c", command, env=env, timeout=60, cwd=tmp_path)
     assert result.returncode == 2, result.stdout + result.stderr
     assert result.stderr == "" and len(result.stdout.strip().splitlines()) == 1
     assert "Traceback" not in result.stdout
     assert "VAT_OUTPUT_DIR=" in result.stdout and "is not writable" in result.stdout and "--user" in result.stdout
 
 
+@pytest.mark.slow
 def test_data_folder_that_cannot_receive_mnist_is_one_line_and_exit_3(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     env = job_env(tmp_path, blocker / "data", MNIST_MIRRORS='["http://127.0.0.1:9/"]')
-    result = subprocess.run(
-        [sys.executable, "-m", "job"], env=env, capture_output=True, text=True, timeout=120, cwd=REPO
-    )
+    result = run_job(env, timeout=120)
     assert result.returncode == 3, result.stdout[-2000:] + result.stderr[-2000:]
     last = json.loads(result.stdout.splitlines()[-1])
     assert last["event"] == "data_error" and "Traceback" not in result.stdout

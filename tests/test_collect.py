@@ -6,7 +6,7 @@ import pytest
 
 from job import collect, history, trend
 from job.storage import RunStore, make_client
-from tests.test_storage import BUCKET, s3_server  # noqa: F401  (s3_server is a fixture)
+from tests.support import BUCKET
 
 PREFIX = "collect"
 # (run id, group, created_at, label seed, VAT accuracy): the bucket of issue 10, where a sweep's mean over seeds
@@ -23,7 +23,7 @@ RUNS = [
 
 
 @pytest.fixture(scope="module")
-def bucket(s3_server, tmp_path_factory):  # noqa: F811
+def bucket(s3_server):
     client = s3_server["client"]
     for run_id, group, created_at, seed, accuracy in RUNS:
         report = {

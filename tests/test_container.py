@@ -1,8 +1,8 @@
 """The image as users run it, with a real Docker engine: the README's commands, read-only root, docker stop and
 resume, uploads to an S3 server on the host network, `vat-job collect`, and the errors a user can cause.
 
-Marked `container`; skipped when no engine answers or the image is not built (`docker build -t vat-job .`),
-unless VAT_REQUIRE_DOCKER=1 (CI: `.ci/run` installs the engine and builds the image with `.ci/container-setup`).
+Marked `container`; skipped when no engine answers or the image is not built (`docker build -t vat-job .`), and
+failed instead under CI=true (CI: `.ci/run` installs the engine and builds the image with `.ci/container-setup`).
 VAT_TEST_IMAGE names another tag. The host folders are created by the tests as "a workstation user" (UID 1000
 when the tests run as root, as in CI, and the docker client is run as that user too), so that what the README
 promises about the files' owner is checked as a user meets it, not as root.
@@ -21,12 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, SHARED_MNIST, moto_on_loopback
+from tests.support import REPO, events, moto_on_loopback, not_applicable, unavailable
 
 pytestmark = pytest.mark.container
 
 IMAGE = os.environ.get("VAT_TEST_IMAGE", "vat-job")
-REQUIRE = os.environ.get("VAT_REQUIRE_DOCKER") == "1"
 USER_ID = os.getuid() if os.getuid() != 0 else 1000  # "the user who ran it"
 SHORT = {  # a few updates on the CPU: seconds, not minutes
     "VAT_BASELINE_STEPS": "4",
@@ -35,12 +34,6 @@ SHORT = {  # a few updates on the CPU: seconds, not minutes
     "VAT_EVAL_BATCH_SIZE": "5000",
     "VAT_CHECKPOINT_EVERY": "1000",
 }
-
-
-def unavailable(reason: str) -> None:
-    if REQUIRE:
-        pytest.fail(reason + " (VAT_REQUIRE_DOCKER=1)")
-    pytest.skip(reason)
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +49,8 @@ def docker() -> str:
 
 
 @pytest.fixture(scope="module")
-def mnist() -> Path:
-    if not (SHARED_MNIST / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
-        unavailable(f"real MNIST not found under {SHARED_MNIST}")
-    return SHARED_MNIST
+def mnist(mnist_dir) -> Path:
+    return mnist_dir
 
 
 @pytest.fixture
@@ -89,10 +80,6 @@ def as_user() -> list[str]:
 def has_gpu() -> bool:
     smi = shutil.which("nvidia-smi")
     return smi is not None and subprocess.run([smi], capture_output=True).returncode == 0
-
-
-def json_lines(text: str) -> list[dict]:
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def run(docker: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -166,7 +153,7 @@ def test_readme_commands_run_as_written_on_cpu(docker, mnist, workdir):
     print(
         f"README docker run, {SHORT['VAT_BASELINE_STEPS']}+{SHORT['VAT_TRAIN_STEPS']} updates on CPU: {seconds:.1f} s"
     )
-    records = json_lines(result.stdout)
+    records = events(result.stdout)
     assert [r["event"] for r in records[-2:]] == ["run_finished", "summary"] and records[-1]["run_id"] == "readme", (
         seconds
     )
@@ -180,7 +167,6 @@ def test_readme_commands_run_as_written_on_cpu(docker, mnist, workdir):
 
 @pytest.fixture(scope="module")
 def s3_on_loopback():
-    pytest.importorskip("boto3")
     with moto_on_loopback("vat-container") as server:
         settings = {"VAT_S3_BUCKET": "vat-container", "VAT_S3_PREFIX": "ci"}
         yield {"env": {**server["env"], **settings}, "client": server["client"]}
@@ -248,7 +234,7 @@ def test_read_only_root_docker_stop_resume_on_another_node_upload_and_collect(do
     assert code == 5, rest[-2000:] + process.stderr.read()[-2000:]
     print(f"docker stop -> exit 5 after {stop_seconds:.2f} s")
     assert stop_seconds < 15, stop_seconds  # SIGTERM, not SIGKILL after the 30 s grace period
-    interrupted = json_lines(rest)[-1]
+    interrupted = events(rest)[-1]
     assert interrupted["event"] == "interrupted" and interrupted["signal"] == "SIGTERM"
     stopped_at = interrupted["step"]
     assert 0 < stopped_at < 20
@@ -378,7 +364,7 @@ def test_other_errors_a_user_can_cause_are_one_line_each(docker, mnist, workdir)
 
 def test_gpu_run_of_the_image(docker, mnist, workdir):
     if not has_gpu():
-        pytest.skip("no GPU on this machine (nvidia-smi)")
+        not_applicable("no GPU (nvidia-smi)")
     output = users_folder(workdir / "runs")
     env = {**SHORT, "VAT_RUN_ID": "gpu", "VAT_DEVICE": "cuda", "VAT_PLOTS": "false"}
     result = run(

@@ -1,16 +1,13 @@
 import gzip
 import hashlib
-import http.server
-import socket
 import struct
-import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from job.data import DataError, ensure_mnist, load_mnist, raw_dir, read_idx, seeded_split
+from tests.support import Mirror, dead_url, job_env, run_job
 
 ARTICLE_CLASS_COUNTS = [11, 10, 10, 10, 9, 8, 10, 11, 10, 11]
 
@@ -25,8 +22,10 @@ def test_default_split_has_the_articles_class_counts_and_sizes(mnist_split):
     assert torch.equal(every.sort().values, torch.arange(60_000)), "the three parts partition the training set"
 
 
+@pytest.mark.slow
 def test_split_is_the_articles_own_procedure_on_the_dataset_object(mnist_dir, mnist_split):
-    """Run the article's code path (train_test_split over torchvision's MNIST dataset) and compare images."""
+    """Run the article's code path (train_test_split over torchvision's MNIST dataset) and compare every image, in
+    order: the labelled set, the seeded test set and the whole unlabelled pool."""
     from sklearn.model_selection import train_test_split
     from torchvision import datasets, transforms
 
@@ -34,28 +33,30 @@ def test_split_is_the_articles_own_procedure_on_the_dataset_object(mnist_dir, mn
     label_unlabel_set, test_set = train_test_split(dataset, random_state=42, test_size=10000)
     label_set, unlabel_set = train_test_split(label_unlabel_set, random_state=1, test_size=49900)
 
-    article_images = torch.stack([image for image, _ in label_set])
     article_labels = torch.tensor([label for _, label in label_set])
-    ours = mnist_split.train_images[mnist_split.labeled].unsqueeze(1).float() / 255
-    assert torch.equal(article_images, ours)
     assert torch.equal(article_labels, mnist_split.train_labels[mnist_split.labeled])
-    # The seeded test set and the unlabelled pool are the article's too (spot-check both ends).
-    for ours_idx, theirs in ((mnist_split.seeded_test, test_set), (mnist_split.unlabeled, unlabel_set)):
-        for position in (0, 1, len(theirs) - 1):
-            assert torch.equal(
-                theirs[position][0], mnist_split.train_images[ours_idx[position]].unsqueeze(0).float() / 255
-            )
+    for ours, theirs in (
+        (mnist_split.labeled, label_set),
+        (mnist_split.seeded_test, test_set),
+        (mnist_split.unlabeled, unlabel_set),
+    ):
+        assert len(ours) == len(theirs)
+        images = mnist_split.train_images[ours].unsqueeze(1).float() / 255
+        for start in range(0, len(theirs), 5000):
+            chunk = torch.stack([image for image, _ in theirs[start : start + 5000]])
+            assert torch.equal(chunk, images[start : start + 5000]), start
 
 
-def test_other_seeds_give_other_labelled_sets_and_smaller_pools_are_nested():
-    a, _, test_a = seeded_split(60_000, 42, 1, 100)
+def test_other_seeds_give_other_labelled_sets_and_smaller_pools_are_prefixes():
+    a, pool, test_a = seeded_split(60_000, 42, 1, 100)
     b, _, test_b = seeded_split(60_000, 42, 2, 100)
     assert set(a.tolist()) != set(b.tolist())
     assert np.array_equal(test_a, test_b), "the label seed does not move the seeded test set"
-    _, small, _ = seeded_split(60_000, 42, 1, 100, num_unlabeled=500)
-    _, large, _ = seeded_split(60_000, 42, 1, 100, num_unlabeled=5_000)
-    assert len(small) == 500 and set(small.tolist()) <= set(large.tolist())
-    assert not set(small.tolist()) & set(a.tolist()), "no labelled image is in the unlabelled set"
+    for size in (500, 5_000):
+        labeled, smaller, test = seeded_split(60_000, 42, 1, 100, num_unlabeled=size)
+        assert np.array_equal(smaller, pool[:size]), "a smaller pool is the start of the larger one, in order"
+        assert np.array_equal(labeled, a) and np.array_equal(test, test_a), "nothing else moves"
+    assert not set(pool.tolist()) & set(a.tolist()), "no labelled image is in the unlabelled set"
 
 
 # --- download against a loopback server ------------------------------------------------------------
@@ -79,59 +80,19 @@ TINY = {
 TINY_SHA = {name: hashlib.sha256(content).hexdigest() for name, content in TINY.items()}
 
 
-class Mirror:
-    """A static HTTP server on 127.0.0.1 serving <name>.gz files from a folder, counting requests."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder, self.requests = folder, []
-        mirror = self
-
-        class Handler(http.server.SimpleHTTPRequestHandler):
-            def __init__(self, *args, **kwargs):
-                super().__init__(*args, directory=str(folder), **kwargs)
-
-            def do_GET(self):  # noqa: N802
-                mirror.requests.append(self.path)
-                super().do_GET()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def publish(folder: Path, files: dict[str, bytes]) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, content in files.items():
-        (folder / f"{name}.gz").write_bytes(gzip.compress(content, compresslevel=1))
-    return folder
-
-
 @pytest.fixture
-def mirrors(tmp_path):
+def mirrors():
+    """Start a Mirror (tests/support.py) serving each file gzipped, as MNIST's mirrors do: <name>.gz."""
     started = []
 
     def start(files):
-        mirror = Mirror(publish(tmp_path / f"mirror{len(started)}", files))
+        mirror = Mirror({f"{name}.gz": gzip.compress(content, compresslevel=1) for name, content in files.items()})
         started.append(mirror)
         return mirror
 
     yield start
     for mirror in started:
         mirror.close()
-
-
-def dead_url() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}/"  # nothing listens there any more
 
 
 def fetch(data_dir, urls, **kw):
@@ -186,12 +147,8 @@ def test_no_working_mirror_fails_with_a_clear_message_and_leaves_nothing(tmp_pat
     assert not folder.exists() or not any(folder.iterdir())
 
 
+@pytest.mark.slow
 def test_job_downloads_real_mnist_from_a_loopback_mirror(tmp_path, mirrors, mnist_dir):
-    import subprocess
-    import sys
-
-    from tests.conftest import job_env
-
     real = {p.name: p.read_bytes() for p in raw_dir(mnist_dir).iterdir() if p.name.endswith("ubyte")}
     good = mirrors(real)
     env = job_env(
@@ -202,7 +159,7 @@ def test_job_downloads_real_mnist_from_a_loopback_mirror(tmp_path, mirrors, mnis
         MNIST_MIRRORS=f'["{dead_url()}", "{good.url}"]',
         DOWNLOAD_RETRIES=1,
     )
-    result = subprocess.run([sys.executable, "-m", "job"], env=env, capture_output=True, text=True, timeout=300)
+    result = run_job(env, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     for name, content in real.items():
         assert (raw_dir(tmp_path / "data") / name).read_bytes() == content

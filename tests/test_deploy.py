@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from job.settings import Settings
-from tests.conftest import REPO, moto_on_loopback, tool, unavailable
+from tests.support import REPO, moto_on_loopback, tool, unavailable
 
 K8S = REPO / "k8s"
 MANIFESTS = sorted(K8S.rglob("*.yaml"))

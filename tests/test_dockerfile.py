@@ -4,7 +4,7 @@ itself is run by tests/test_container.py)."""
 import re
 import subprocess
 
-from tests.conftest import REPO, tool
+from tests.support import REPO, tool
 
 
 def test_dockerfile_passes_hadolint_with_no_ignored_rule():

@@ -11,16 +11,14 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, job_env, run_job_cli
-
-run_cli = run_job_cli
+from tests.support import REPO, job_env, moto_on_loopback, run_job
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, mnist_dir):
     tmp = tmp_path_factory.mktemp("first-hour")
     env = job_env(tmp, mnist_dir, RUN_ID="first", PLOTS="true", LOG_FORMAT="console")
-    result = run_cli(env, umask=0o022)
+    result = run_job(env, umask=0o022)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return tmp / "runs" / "first", result, env
 
@@ -67,7 +65,7 @@ def test_predict_agrees_with_the_report_on_idx_and_png(finished, mnist_dir, tmp_
 
     folder, _, env = finished
     idx = mnist_dir / "MNIST/raw/t10k-images-idx3-ubyte"
-    result = run_cli(env, "predict", "--model", str(folder), str(idx))
+    result = run_job(env, "predict", "--model", str(folder), str(idx))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     labels = np.frombuffer((mnist_dir / "MNIST/raw/t10k-labels-idx1-ubyte").read_bytes(), np.uint8, offset=8)
@@ -79,9 +77,9 @@ def test_predict_agrees_with_the_report_on_idx_and_png(finished, mnist_dir, tmp_
     )
     png = tmp_path / "seven.png"
     Image.fromarray(idx_images(idx)[0]).save(png)
-    one = run_cli(env, "predict", "--model", str(folder / "vat" / "model.pt"), str(png))
+    one = run_job(env, "predict", "--model", str(folder / "vat" / "model.pt"), str(png))
     assert one.returncode == 0 and one.stdout.split("\t")[1] == str(digits[0]), one.stdout + one.stderr
-    bad = run_cli(env, "predict", "--model", str(folder), str(REPO / "README.md"))
+    bad = run_job(env, "predict", "--model", str(folder), str(REPO / "README.md"))
     assert bad.returncode == 3 and "not a PNG or an MNIST IDX" in bad.stderr and "Traceback" not in bad.stderr
 
 
@@ -101,7 +99,7 @@ def test_the_run_folder_has_a_summary_and_files_anyone_may_read(finished):
 
 def test_progress_lines_lead_with_phase_step_and_percent_and_show_only_trained_terms(mnist_dir, tmp_path):
     env = job_env(tmp_path, mnist_dir, LOG_EVERY_S="0.001", LOG_FORMAT="json")
-    result = run_cli(env)
+    result = run_job(env)
     assert result.returncode == 0, result.stdout[-2000:]
     progress = [json.loads(line) for line in result.stdout.splitlines() if '"progress"' in line]
     baseline = next(p for p in progress if p["phase"] == "baseline")
@@ -114,11 +112,11 @@ def test_progress_lines_lead_with_phase_step_and_percent_and_show_only_trained_t
 
 def test_the_cli_says_what_is_wrong_on_stderr(tmp_path):
     env = job_env(tmp_path, tmp_path)
-    version = run_cli(env, "--version")
+    version = run_job(env, "--version")
     assert version.returncode == 0 and re.fullmatch(r"vat-job \d+\.\d+\.\d+\n", version.stdout)
-    helped = run_cli(env, "--help")
+    helped = run_job(env, "--help")
     assert helped.returncode == 0 and "predict" in helped.stdout and "docs/configuration.md" in helped.stdout
-    wrong = run_cli(env, "trian")
+    wrong = run_job(env, "trian")
     assert wrong.returncode == 2 and "unknown command" in wrong.stderr and wrong.stdout == ""
 
 
@@ -140,7 +138,7 @@ def test_a_data_error_leaves_no_run_folder(tmp_path):
     env = job_env(
         tmp_path, tmp_path / "empty", RUN_ID="nodata", MNIST_MIRRORS="http://127.0.0.1:9/", DOWNLOAD_RETRIES="1"
     )
-    result = run_cli(env, timeout=120)
+    result = run_job(env, timeout=120)
     assert result.returncode == 3, result.stdout[-2000:]
     assert not (tmp_path / "runs" / "nodata").exists()
 
@@ -166,7 +164,6 @@ def test_aws_lines_of_dotenv_reach_boto3_natively(tmp_path, monkeypatch):
 
 
 def test_collect_says_when_nothing_matches_and_refuses_contradictory_flags(tmp_path):
-    from tests.conftest import moto_on_loopback
 
     with moto_on_loopback("first-hour") as server:
         env = {**job_env(tmp_path, tmp_path, S3_BUCKET="first-hour", S3_PREFIX="nothing-here"), **server["env"]}
@@ -176,5 +173,5 @@ def test_collect_says_when_nothing_matches_and_refuses_contradictory_flags(tmp_p
             (["--promoted", str(tmp_path / "p"), "--run", "x"], "--promoted fetches the promoted model"),
             (["--trend"], "--trend needs --group"),
         ]:
-            result = run_cli(env, "collect", *args, timeout=60)
+            result = run_job(env, "collect", *args, timeout=60)
             assert result.returncode == 2 and said in result.stderr, (args, result.stderr)

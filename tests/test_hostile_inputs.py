@@ -1,16 +1,10 @@
 """Issue 22, the second outside probe: each row as a test against real servers on 127.0.0.1 (moto; s3rver, which
 ignores conditional writes; a basic-auth MNIST mirror; a mirror that serves a corrupt gzip) and the real CLI."""
 
-import base64
 import gzip
 import hashlib
-import http.server
 import json
 import random
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -18,46 +12,25 @@ import pytest
 from job.layout import RunLayout
 from job.lock import RunLock, RunLocked
 from job.storage import RunStore, make_client
-from tests.conftest import REPO, job_env, moto_on_loopback, run_job_cli, s3rver_on_loopback
+from tests.support import (
+    BUCKET,
+    Mirror,
+    files_outside,
+    job_env,
+    put,
+    run_job,
+    s3_job_env,
+    s3rver_on_loopback,
+    wait_until,
+)
+from tests.support import sha256_hex as sha
 
-BUCKET = "vat-results"
 SECRET = "supersecret7"
 
 
-@pytest.fixture(scope="module")
-def moto():
-    with moto_on_loopback(BUCKET) as server:
-        yield server
-
-
-@pytest.fixture
-def aws(moto, monkeypatch):
-    for name, value in moto["env"].items():
-        monkeypatch.setenv(name, value)
-    return moto["client"]
-
-
-cli = run_job_cli
-
-
-def collect_env(tmp_path, server, prefix, **settings):
-    env = job_env(tmp_path, tmp_path / "no-mnist", S3_BUCKET=BUCKET, S3_PREFIX=prefix, **settings)
-    env.update(server["env"])
-    # Run from another folder, `python -m job` must still be this checkout's (not what an editable install names).
-    env["PYTHONPATH"] = str(REPO)
-    return env
-
-
-def sha(body: bytes) -> str:
-    return hashlib.sha256(body).hexdigest()
-
-
-def put(client, key, body, sha256=None):
-    client.put_object(Bucket=BUCKET, Key=key, Body=body, **({"Metadata": {"sha256": sha256}} if sha256 else {}))
-
-
-def files_outside(root: Path, inside: Path) -> list[Path]:
-    return [p for p in root.rglob("*") if p.is_file() and not p.is_relative_to(inside)]
+def collect_env(tmp_path: Path, server: dict, prefix: str, **settings) -> dict:
+    """For `collect` (no MNIST needed) on `server` under `prefix`."""
+    return s3_job_env(tmp_path, tmp_path / "no-mnist", server, S3_PREFIX=prefix, **settings)
 
 
 def intact_run(client, prefix, run_id, accuracy=0.98, group="g", created="2026-11-2{}T02:00:00+00:00", day=1):
@@ -90,8 +63,8 @@ def pointer_for(prefix, run_id="r1", accuracy=0.98, **changes):
 # --- High: path traversal through collect --promoted --------------------------------------------------------
 
 
-def test_collect_promoted_never_writes_where_a_forged_pointer_says(tmp_path, moto):
-    client, prefix = moto["client"], "forged"
+def test_collect_promoted_never_writes_where_a_forged_pointer_says(tmp_path, s3_server):
+    client, prefix = s3_server["client"], "forged"
     body = b"planted"
     put(client, f"{prefix}/latest/runs/r1/x", body, sha(body))
     escape = str(tmp_path / "escaped.txt")
@@ -101,7 +74,7 @@ def test_collect_promoted_never_writes_where_a_forged_pointer_says(tmp_path, mot
         "model.pt": {"key": f"{prefix}/latest/runs/r1/x", "size": len(body), "sha256": sha(body)},
     }
     put(client, f"{prefix}/latest/pointer.json", json.dumps(forged).encode())
-    result = cli(collect_env(tmp_path, moto, prefix), "collect", "--promoted", str(tmp_path / "dl"))
+    result = run_job(collect_env(tmp_path, s3_server, prefix), "collect", "--promoted", str(tmp_path / "dl"))
     assert result.returncode == 8, result.stdout + result.stderr
     assert "report.json" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "escaped.txt").exists() and files_outside(tmp_path, tmp_path / "dl") == []
@@ -121,15 +94,15 @@ def test_collect_promoted_never_writes_where_a_forged_pointer_says(tmp_path, mot
         ),
     ],
 )
-def test_a_garbage_pointer_is_exit_8_for_a_reader_with_nothing_written(tmp_path, moto, change, problem):
-    client, prefix = moto["client"], "garbage-pointer"
+def test_a_garbage_pointer_is_exit_8_for_a_reader_with_nothing_written(tmp_path, s3_server, change, problem):
+    client, prefix = s3_server["client"], "garbage-pointer"
     put(client, f"{prefix}/latest/pointer.json", json.dumps(pointer_for(prefix, **change)).encode())
-    result = cli(collect_env(tmp_path, moto, prefix), "collect", "--promoted", str(tmp_path / "dl"))
+    result = run_job(collect_env(tmp_path, s3_server, prefix), "collect", "--promoted", str(tmp_path / "dl"))
     assert result.returncode == 8 and problem in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and list((tmp_path / "dl").glob("*")) == []
 
 
-def test_a_garbage_pointer_refuses_promotion_with_its_reason_and_never_overwrites_it(tmp_path, aws):
+def test_a_garbage_pointer_refuses_promotion_with_its_reason_and_never_overwrites_it(tmp_path, aws_env):
     from job.promote import GateRefused, promote_run
 
     prefix = "garbage-gate"
@@ -137,6 +110,7 @@ def test_a_garbage_pointer_refuses_promotion_with_its_reason_and_never_overwrite
     layout = RunLayout(tmp_path / "night-9")
     (layout.root / "vat").mkdir(parents=True)
     (layout.root / "vat/model.pt").write_bytes(b"weights")
+    aws = aws_env["client"]
     report = json.loads(json.dumps(intact_run(aws, "unused", "night-9")))
     (layout.root / "report.json").write_text(json.dumps(report))
     store.upload_run(layout)
@@ -154,39 +128,6 @@ def test_a_garbage_pointer_refuses_promotion_with_its_reason_and_never_overwrite
 
 
 # --- High and medium: secrets in URLs never printed -------------------------------------------------------
-
-
-class Mirror:
-    """An MNIST mirror on 127.0.0.1: serves `files` (name -> bytes), optionally behind HTTP basic auth."""
-
-    def __init__(self, files: dict, user: str | None = None, password: str | None = None):
-        expected = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode() if user else None
-        self.requests: list[str] = []
-        mirror = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):  # noqa: N802
-                mirror.requests.append(self.path)
-                if expected and self.headers.get("Authorization") != expected:
-                    self.send_response(401)
-                    self.end_headers()
-                    return
-                body = files.get(self.path.rsplit("/", 1)[-1])
-                self.send_response(200 if body is not None else 404)
-                self.send_header("Content-Length", str(len(body or b"")))
-                self.end_headers()
-                self.wfile.write(body or b"")
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def test_a_mirror_password_goes_as_basic_auth_and_a_corrupt_gzip_moves_on_to_the_next_mirror(tmp_path):
@@ -216,12 +157,13 @@ def test_a_mirror_password_goes_as_basic_auth_and_a_corrupt_gzip_moves_on_to_the
     assert good.requests == ["/tiny.gz"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("log_format", ["json", "console"])
 @pytest.mark.parametrize("userinfo", [f"user:{SECRET}", f"user:{SECRET}@more", f"{SECRET}"])
 def test_a_mirror_url_with_a_password_never_prints_it(tmp_path, log_format, userinfo):
     mirror = f"https://{userinfo}@127.0.0.1/"  # no port: urllib used to read the password as one
     env = job_env(tmp_path, tmp_path / "empty", MNIST_MIRRORS=mirror, DOWNLOAD_RETRIES="1", LOG_FORMAT=log_format)
-    result = cli(env, timeout=120)
+    result = run_job(env, timeout=120)
     assert result.returncode == 3, result.stdout[-2000:] + result.stderr[-2000:]
     output = result.stdout + result.stderr
     assert SECRET not in output and "Traceback" not in output
@@ -243,7 +185,7 @@ def test_a_mirror_url_with_a_password_never_prints_it(tmp_path, log_format, user
 def test_bad_settings_are_exit_2_naming_the_variable_without_its_secret(tmp_path, name, value, named):
     env = job_env(tmp_path, tmp_path / "empty", S3_BUCKET=BUCKET)
     env[name] = value
-    result = cli(env, timeout=60)
+    result = run_job(env, timeout=60)
     assert result.returncode == 2, result.stdout + result.stderr
     last = json.loads(result.stdout.splitlines()[-1])
     assert last["event"] == "config_error" and named in last["message"]
@@ -270,8 +212,8 @@ def test_a_job_name_with_a_time_no_cronjob_writes_is_a_plain_run_id():
 # --- Medium: collect over damaged documents, a full disk, an unwritable folder, folder markers -----------------
 
 
-def test_collect_lists_the_intact_runs_beside_reports_of_every_wrong_shape(tmp_path, moto):
-    client, prefix = moto["client"], "shapes"
+def test_collect_lists_the_intact_runs_beside_reports_of_every_wrong_shape(tmp_path, s3_server):
+    client, prefix = s3_server["client"], "shapes"
     intact_run(client, prefix, "good-1", day=1)
     intact_run(client, prefix, "good-2", day=2)
     metrics = {"accuracy": 0.9, "macro_f1": 0.9}
@@ -298,31 +240,24 @@ def test_collect_lists_the_intact_runs_beside_reports_of_every_wrong_shape(tmp_p
     for run_id, report in shapes.items():
         put(client, f"{prefix}/runs/{run_id}/report.json", json.dumps(report).encode())
     put(client, f"{prefix}/runs/deep/report.json", b"[" * 100_000 + b"]" * 100_000)
-    env = collect_env(tmp_path, moto, prefix)
-    listing = cli(env, "collect", "--format", "json")
+    env = collect_env(tmp_path, s3_server, prefix)
+    listing = run_job(env, "collect", "--format", "json")
     assert listing.returncode == 0 and "Traceback" not in listing.stderr, listing.stderr
     rows = {row["run_id"]: row for row in json.loads(listing.stdout)["runs"]}
     assert rows["good-1"]["status"] == rows["good-2"]["status"] == "complete"
     assert {r for r, row in rows.items() if row["status"] == "damaged"} == {*shapes, "deep"}
-    trend = subprocess.run(
-        [sys.executable, "-m", "job", "collect", "--group", "g", "--trend"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-    )
+    trend = run_job(env, "collect", "--group", "g", "--trend", timeout=120, cwd=tmp_path)
     assert trend.returncode == 0 and "good-1" in trend.stdout and "Traceback" not in trend.stderr, trend.stderr
     assert [p.name for p in tmp_path.rglob("*.png")] == ["trend-g.png"] and (tmp_path / "trend-g.png").is_file()
 
 
-def test_collect_download_onto_a_full_disk_is_exit_9_with_no_part_file(tmp_path, moto):
-    client, prefix = moto["client"], "fulldisk"
+def test_collect_download_onto_a_full_disk_is_exit_9_with_no_part_file(tmp_path, s3_server):
+    client, prefix = s3_server["client"], "fulldisk"
     intact_run(client, prefix, "big")
     big = b"z" * 300_000
     put(client, f"{prefix}/runs/big/vat/checkpoint-0000002.pt", big, sha(big))
-    result = cli(
-        collect_env(tmp_path, moto, prefix),
+    result = run_job(
+        collect_env(tmp_path, s3_server, prefix),
         "collect",
         "--run",
         "big",
@@ -335,11 +270,11 @@ def test_collect_download_onto_a_full_disk_is_exit_9_with_no_part_file(tmp_path,
     assert [p for p in (tmp_path / "dl").rglob("*.part")] == []
 
 
-def test_collect_download_into_an_unwritable_folder_names_the_folder(tmp_path, moto):
-    intact_run(moto["client"], "unwritable", "r1")
+def test_collect_download_into_an_unwritable_folder_names_the_folder(tmp_path, s3_server):
+    intact_run(s3_server["client"], "unwritable", "r1")
     (tmp_path / "a-file").write_text("not a folder")
-    result = cli(
-        collect_env(tmp_path, moto, "unwritable"),
+    result = run_job(
+        collect_env(tmp_path, s3_server, "unwritable"),
         "collect",
         "--run",
         "r1",
@@ -350,10 +285,12 @@ def test_collect_download_into_an_unwritable_folder_names_the_folder(tmp_path, m
     assert "cannot write to" in result.stderr and "a-file" in result.stderr and "manifest" not in result.stderr
 
 
-def test_a_folder_marker_beside_an_intact_run_is_a_warning_not_a_failure(tmp_path, moto):
-    intact_run(moto["client"], "markers", "r1")
-    put(moto["client"], "markers/runs/r1/plots/", b"")
-    result = cli(collect_env(tmp_path, moto, "markers"), "collect", "--run", "r1", "--download", str(tmp_path / "dl"))
+def test_a_folder_marker_beside_an_intact_run_is_a_warning_not_a_failure(tmp_path, s3_server):
+    intact_run(s3_server["client"], "markers", "r1")
+    put(s3_server["client"], "markers/runs/r1/plots/", b"")
+    result = run_job(
+        collect_env(tmp_path, s3_server, "markers"), "collect", "--run", "r1", "--download", str(tmp_path / "dl")
+    )
     assert result.returncode == 0, result.stderr
     assert "warning" in result.stderr and "folder marker" in result.stderr
     assert (tmp_path / "dl/r1/vat/model.pt").read_bytes() == b"weights-r1"
@@ -362,28 +299,29 @@ def test_a_folder_marker_beside_an_intact_run_is_a_warning_not_a_failure(tmp_pat
 # --- Low: a lease's own numbers are another job's word ------------------------------------------------------
 
 
-def put_lease(client, key, body):
-    client.put_object(Bucket=BUCKET, Key=key, Body=body)
-
-
 @pytest.mark.parametrize("body", [b'{"host": "h", "lease_s": -5}', b'{"host": "h", "lease_s": 0.001}', b"garbage"])
-def test_a_lease_with_a_nonsense_or_garbage_lifetime_is_not_taken_over_at_once(tmp_path, aws, body):
+def test_a_lease_with_a_nonsense_or_garbage_lifetime_is_not_taken_over_at_once(tmp_path, aws_env, body):
     store = RunStore(make_client(), BUCKET, "leases", f"r-{hashlib.md5(body).hexdigest()[:6]}")
     probe = RunLock(tmp_path / "a", store)
-    put_lease(aws, probe.key, body)
+    put(aws_env["client"], probe.key, body)
     with pytest.raises(RunLocked, match="is being written by"):
         RunLock(tmp_path / "b", store).acquire(wait_s=0)
 
 
-def test_an_infinite_lease_does_not_lock_a_run_forever_and_a_takeover_is_logged(tmp_path, aws):
+def test_an_infinite_lease_does_not_lock_a_run_forever_and_a_takeover_is_logged(tmp_path, aws_env):
     store = RunStore(make_client(), BUCKET, "leases", "forever")
     taker = RunLock(tmp_path / "b", store, lease_s=1.0, min_lease_s=1.0)  # its own lease: 1 s, for the test
-    put_lease(aws, taker.key, b'{"host": "h", "pid": 1, "lease_s": 1e999}')
+    put(aws_env["client"], taker.key, b'{"host": "h", "pid": 1, "lease_s": 1e999}')
     with pytest.raises(RunLocked):
         taker.acquire(wait_s=0)
-    time.sleep(2.5)  # the server's clock decides the age: no event to wait on
     events = []
-    taker.acquire(wait_s=0, on_wait=lambda event, **kw: events.append((event, kw)))
+    # The lease's age is the server's clock (its Date header minus the object's Last-Modified, in whole seconds):
+    # no event announces the expiry, so this polls for it, bounded.
+    wait_until(
+        lambda: taker.acquire(wait_s=0, on_wait=lambda event, **kw: events.append((event, kw))) or True,
+        limit_s=15,
+        what="the unreadable lease taken over",
+    )
     taker.release()
     assert [e for e, _ in events] == ["run_lease_taken_over"] and "unreadable lease" in events[0][1]["previous_holder"]
 
@@ -391,17 +329,17 @@ def test_an_infinite_lease_does_not_lock_a_run_forever_and_a_takeover_is_logged(
 # --- Low: after a recovery rerun the bucket keeps VAT_KEEP_CHECKPOINTS per phase ------------------------------
 
 
-def test_the_final_upload_leaves_only_the_kept_checkpoints_in_the_bucket(tmp_path, mnist_dir, moto):
-    client = moto["client"]
-    env = job_env(tmp_path, mnist_dir, S3_BUCKET=BUCKET, S3_PREFIX="keep", RUN_ID="keep-1", KEEP_CHECKPOINTS="2")
-    env.update(moto["env"])
-    first = cli(env)
+@pytest.mark.slow
+def test_the_final_upload_leaves_only_the_kept_checkpoints_in_the_bucket(tmp_path, mnist_dir, s3_server):
+    client = s3_server["client"]
+    env = s3_job_env(tmp_path, mnist_dir, s3_server, S3_PREFIX="keep", RUN_ID="keep-1", KEEP_CHECKPOINTS="2")
+    first = run_job(env)
     assert first.returncode == 0, first.stdout[-3000:]
     # What a failed earlier attempt leaves: an older checkpoint in the bucket, and no manifest yet.
     old = b"an older checkpoint"
     put(client, "keep/runs/keep-1/baseline/checkpoint-0000002.pt", old, sha(old))
     client.delete_object(Bucket=BUCKET, Key="keep/runs/keep-1/manifest.json")
-    again = cli(env)
+    again = run_job(env)
     assert again.returncode == 0, again.stdout[-3000:]
     listing = client.list_objects_v2(Bucket=BUCKET, Prefix="keep/runs/keep-1/")["Contents"]
     names = {item["Key"].rsplit("/runs/keep-1/", 1)[1] for item in listing}
@@ -420,25 +358,25 @@ def s3rver():
         yield server
 
 
-def test_preflight_tells_a_server_with_conditional_writes_from_one_without(moto, s3rver, monkeypatch):
+def test_preflight_tells_a_server_with_conditional_writes_from_one_without(s3_server, s3rver, monkeypatch):
     import boto3
 
-    for server, honours in ((moto, True), (s3rver, False)):
+    for server, honours in ((s3_server, True), (s3rver, False)):
         for name, value in server["env"].items():
             monkeypatch.setenv(name, value)
         monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)  # its credentials are cached: each server has its own
         assert RunStore(make_client(), BUCKET, "probe", "r").preflight() is honours
 
 
+@pytest.mark.slow
 def test_on_s3rver_the_job_warns_or_with_require_refuses_before_training(tmp_path, mnist_dir, s3rver):
-    env = job_env(tmp_path, mnist_dir, S3_BUCKET=BUCKET, S3_PREFIX="s3rver", RUN_ID="s3rver-1")
-    env.update(s3rver["env"])
-    refused = cli({**env, "VAT_S3_CONDITIONAL_WRITES": "require"}, timeout=120)
+    env = s3_job_env(tmp_path, mnist_dir, s3rver, S3_PREFIX="s3rver", RUN_ID="s3rver-1")
+    refused = run_job({**env, "VAT_S3_CONDITIONAL_WRITES": "require"}, timeout=120)
     assert refused.returncode == 4, refused.stdout[-2000:]
     last = json.loads(refused.stdout.splitlines()[-1])
     assert last["event"] == "storage_error" and "ignores conditional writes" in last["message"]
     assert "training_started" not in refused.stdout
-    warned = cli(env)
+    warned = run_job(env)
     assert warned.returncode == 0, warned.stdout[-3000:]
     seen = [json.loads(line)["event"] for line in warned.stdout.splitlines() if line.startswith("{")]
     assert "conditional_writes_ignored" in seen and seen.index("conditional_writes_ignored") < seen.index("run_started")
@@ -481,14 +419,15 @@ def garbage_bucket(client, prefix, rng: random.Random, planted: str, aws_secret:
     put(client, f"{prefix}/runs/leaky/report.json", json.dumps(leaky).encode())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_collect_over_a_bucket_of_garbage_never_escapes_never_leaks_never_crashes(tmp_path, moto, seed):
-    client, prefix, planted = moto["client"], f"garbage-{seed}", "planted-secret-9z"
-    aws_secret = moto["env"]["AWS_SECRET_ACCESS_KEY"]
+def test_collect_over_a_bucket_of_garbage_never_escapes_never_leaks_never_crashes(tmp_path, s3_server, seed):
+    client, prefix, planted = s3_server["client"], f"garbage-{seed}", "planted-secret-9z"
+    aws_secret = s3_server["env"]["AWS_SECRET_ACCESS_KEY"]
     garbage_bucket(client, prefix, random.Random(seed), planted, aws_secret)
     for day in (1, 2):
         intact_run(client, prefix, f"intact-{day}", day=day, group="nightly")
-    env = collect_env(tmp_path, moto, prefix)
+    env = collect_env(tmp_path, s3_server, prefix)
     work = tmp_path / "work"
     work.mkdir()
     calls = [
@@ -502,9 +441,7 @@ def test_collect_over_a_bucket_of_garbage_never_escapes_never_leaks_never_crashe
         *[["collect", "--run", r, "--download", str(work / "dl")] for r in ("g1", "g2", "g3", "ok-run", "intact-1")],
     ]
     for args in calls:
-        result = subprocess.run(
-            [sys.executable, "-m", "job", *args], env=env, capture_output=True, text=True, timeout=120, cwd=work
-        )
+        result = run_job(env, *args, timeout=120, cwd=work)
         output = result.stdout + result.stderr
         assert "Traceback" not in output and result.returncode in (0, 2, 4, 8), (
             args,

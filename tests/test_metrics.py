@@ -13,8 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from job import metrics
-from tests.conftest import job_env, moto_on_loopback, tool
-from tests.test_storage import free_port, run
+from tests.support import free_port, job_env, moto_on_loopback, run_job, tool, wait_until
 
 GROUP = "team-a-vat-job-nightly"
 ACCURACIES = {(model, test_set) for model in metrics.MODELS for test_set in metrics.TEST_SETS}
@@ -29,14 +28,13 @@ def pushgateway(tmp_path_factory):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(f"http://{address}/-/ready", timeout=2).close()
-            break
-        except OSError:
-            assert process.poll() is None and time.monotonic() < deadline, "the Pushgateway did not start"
-            time.sleep(0.2)
+    wait_until(
+        lambda: (
+            process.poll() is None and urllib.request.urlopen(f"http://{address}/-/ready", timeout=2).close() is None
+        ),
+        limit_s=30,
+        what="the Pushgateway ready",
+    )
     yield f"http://{address}"
     process.terminate()
     process.wait(timeout=10)
@@ -90,7 +88,7 @@ def nights(tmp_path_factory, mnist_dir, pushgateway):
             env.update(endpoint)
             env.pop("AWS_ENDPOINT_URL", None)
             began = time.time()
-            result = run(env)
+            result = run_job(env)
             return {"result": result, "began": began, "ended": time.time(), "scraped": scrape(pushgateway, group)}
 
         promoted = night("night-1", PROMOTE_MIN_ACCURACY="0")
@@ -103,6 +101,7 @@ def nights(tmp_path_factory, mnist_dir, pushgateway):
     return {"runs": tmp / "runs", "promoted": promoted, "refused": refused, "unreachable": unreachable, "after": after}
 
 
+@pytest.mark.slow
 def test_a_successful_night_pushes_its_accuracy_durations_verdict_exit_code_and_success(nights):
     night = nights["promoted"]
     assert night["result"].returncode == 0, night["result"].stdout[-3000:]
@@ -120,6 +119,7 @@ def test_a_successful_night_pushes_its_accuracy_durations_verdict_exit_code_and_
     assert night["began"] < success < night["ended"]
 
 
+@pytest.mark.slow
 def test_a_refused_night_says_so_and_keeps_the_last_success(nights):
     night, before = nights["refused"], nights["promoted"]["scraped"]
     assert night["result"].returncode == 6, night["result"].stdout[-3000:]
@@ -133,6 +133,7 @@ def test_a_refused_night_says_so_and_keeps_the_last_success(nights):
     assert night["termination"].startswith("quality gate refused: not promoted: accuracy "), night["termination"]
 
 
+@pytest.mark.slow
 def test_a_night_that_cannot_reach_its_bucket_pushes_its_exit_code_and_no_success(nights):
     night = nights["unreachable"]
     assert night["result"].returncode == 4, night["result"].stdout[-3000:]

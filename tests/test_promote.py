@@ -10,8 +10,7 @@ from job import history
 from job.gate import METRIC, TEST_METRIC
 from job.promote import Gate, GateRefused, PromotionSlot, fetch_promoted, promote_run
 from job.storage import RunStore, StorageError, make_client
-from tests.conftest import job_env, s3rver_on_loopback
-from tests.test_storage import BUCKET, events, run, s3_server  # noqa: F401  (s3_server is a fixture)
+from tests.support import BUCKET, REPO, events, run_job, s3_job_env, s3rver_on_loopback
 
 
 class Log:
@@ -37,9 +36,7 @@ class Settings:
 
 
 @pytest.fixture
-def client(s3_server, monkeypatch):  # noqa: F811
-    for name, value in s3_server["env"].items():
-        monkeypatch.setenv(name, value)
+def client(aws_env):
     return make_client()
 
 
@@ -163,15 +160,15 @@ def test_a_reader_refuses_a_file_that_does_not_match_the_pointer(client, tmp_pat
     assert not (tmp_path / "reader" / "model.pt").exists()
 
 
-def test_the_job_promotes_then_a_refused_run_exits_6_and_stays_in_the_bucket(tmp_path, mnist_dir, s3_server):  # noqa: F811
-    env = job_env(tmp_path, mnist_dir, S3_BUCKET=BUCKET, S3_PREFIX="nightly", PROMOTE_TO="latest")
-    env.update(s3_server["env"])
+@pytest.mark.slow
+def test_the_job_promotes_then_a_refused_run_exits_6_and_stays_in_the_bucket(tmp_path, mnist_dir, s3_server):
+    env = s3_job_env(tmp_path, mnist_dir, s3_server, S3_PREFIX="nightly", PROMOTE_TO="latest")
     env.update(VAT_RUN_GROUP="vat-job-nightly", VAT_PROMOTE_MIN_ACCURACY="0.0")
-    first = run({**env, "VAT_RUN_ID": "n-1"})
+    first = run_job({**env, "VAT_RUN_ID": "n-1"})
     assert first.returncode == 0, first.stdout[-3000:]
     assert [e["event"] for e in events(first.stdout)[-2:]] == ["promoted", "summary"]
 
-    refused = run({**env, "VAT_RUN_ID": "n-2", "VAT_PROMOTE_MIN_ACCURACY": "0.999"})
+    refused = run_job({**env, "VAT_RUN_ID": "n-2", "VAT_PROMOTE_MIN_ACCURACY": "0.999"})
     assert refused.returncode == 6, refused.stdout[-3000:]
     last = events(refused.stdout)[-1]
     assert last["event"] == "quality_gate_refused" and last["exit_code"] == 6 and "below the minimum" in last["message"]
@@ -188,7 +185,6 @@ def test_every_exit_code_is_documented_in_the_cli_and_the_readme():
     import re
 
     from job import cli
-    from tests.conftest import REPO
 
     codes = {value for name, value in vars(cli).items() if name.startswith("EXIT_")}
     readme = (REPO / "docs" / "operations.md").read_text()

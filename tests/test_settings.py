@@ -8,8 +8,7 @@ import pytest
 
 from job.presets import ARTICLE_PRESET
 from job.settings import ConfigError, Settings, load_settings
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.support import REPO, clean_environ, run_job, unavailable
 
 
 def env_example_names() -> set[str]:
@@ -78,6 +77,7 @@ def test_run_id_is_generated_unique():
         ("VAT_S3_BUCKET", "", "unset the variable for local output only"),
         ("VAT_MNIST_MIRRORS", '["https://example.org/', "JSON list of URLs"),
         ("VAT_MNIST_MIRRORS", "ftp://example.org/", "http:// or https://"),
+        ("VAT_MNIST_MIRRORS", "ftp://user:s3cret-pw@example.org/", "http:// or https://"),
     ],
 )
 def test_invalid_values_name_variable_value_and_what_is_allowed(monkeypatch, name, value, fragment):
@@ -85,8 +85,9 @@ def test_invalid_values_name_variable_value_and_what_is_allowed(monkeypatch, nam
     with pytest.raises(ConfigError) as info:
         load_settings(env_file=None)
     message = str(info.value)
-    assert name in message and repr(value) in message and fragment in message
-    assert "\n" not in message and "password" not in message
+    shown = repr(value).replace("user:s3cret-pw@", "***@")  # the value, its credentials masked
+    assert name in message and shown in message and fragment in message
+    assert "\n" not in message and "s3cret-pw" not in message
 
 
 def test_unknown_variables_are_named_but_their_values_never_shown(monkeypatch, tmp_path):
@@ -202,18 +203,6 @@ def test_without_the_sweep_flag_a_bad_completion_index_is_ignored(monkeypatch):
     assert load_settings(env_file=None).label_split_seed == 1
 
 
-def run_job(env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "job"], env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
-
-
-def clean_env(**extra) -> dict:
-    import os
-
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("VAT_")}
-    env.update(extra)
-    return env
-
-
 @pytest.mark.parametrize(
     "extra",
     [
@@ -227,7 +216,7 @@ def clean_env(**extra) -> dict:
     ],
 )
 def test_bad_setting_exits_2_with_one_json_line_before_any_work(tmp_path, extra):
-    result = run_job(clean_env(VAT_OUTPUT_DIR=str(tmp_path / "out"), **extra))
+    result = run_job(clean_environ(VAT_OUTPUT_DIR=str(tmp_path / "out"), **extra), timeout=120)
     assert result.returncode == 2
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1
@@ -238,12 +227,10 @@ def test_bad_setting_exits_2_with_one_json_line_before_any_work(tmp_path, extra)
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_cuda_requested_without_gpu_exits_10_a_fault_of_the_node_not_of_the_settings(tmp_path):
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
-    result = run_job(clean_env(VAT_OUTPUT_DIR=str(tmp_path / "out"), VAT_DEVICE="cuda", VAT_DATA_DIR=str(tmp_path)))
+    env = clean_environ(VAT_OUTPUT_DIR=str(tmp_path / "out"), VAT_DEVICE="cuda", VAT_DATA_DIR=str(tmp_path))
+    result = run_job({**env, "CUDA_VISIBLE_DEVICES": ""}, timeout=120)  # a node without a GPU, on any machine
     assert result.returncode == 10
     (line,) = [json.loads(line) for line in result.stdout.splitlines()]
     assert line["event"] == "no_gpu_visible" and line["exit_code"] == 10
@@ -253,11 +240,11 @@ def test_cuda_requested_without_gpu_exits_10_a_fault_of_the_node_not_of_the_sett
 def test_console_script_passes_exit_codes_and_flushes_its_output(tmp_path):
     script = Path(sys.executable).with_name("vat-job")
     if not script.exists():
-        pytest.skip("the package is not installed as a console script here")
+        unavailable(f"the package is not installed as a console script ({script}): pip install -e .")
     help_text = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert help_text.returncode == 0 and help_text.stdout.startswith("usage: vat-job")
     bad = subprocess.run(
-        [str(script)], env=clean_env(VAT_EPSILON="-1"), capture_output=True, text=True, timeout=60, cwd=tmp_path
+        [str(script)], env=clean_environ(VAT_EPSILON="-1"), capture_output=True, text=True, timeout=60, cwd=tmp_path
     )
     assert bad.returncode == 2
     assert json.loads(bad.stdout)["event"] == "config_error"

@@ -4,6 +4,7 @@ import pickle
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from job.checkpoint import CheckpointError, latest_intact_checkpoint, load_checkpoint, save_checkpoint
 from job.logs import get_logger
@@ -45,6 +46,7 @@ def assert_same_weights(a, b):
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.slow  # trains several phases: tens of seconds
 def test_same_seed_same_result_and_another_seed_differs(mnist_split, tmp_path):
     s = small_settings()
     first = run_phase("vat", s, mnist_split, tmp_path / "a")
@@ -55,6 +57,21 @@ def test_same_seed_same_result_and_another_seed_differs(mnist_split, tmp_path):
     assert not torch.equal(other.model.fc2.weight, first.model.fc2.weight)
 
 
+@pytest.mark.parametrize("phase", ["baseline", "vat"])
+def test_training_reads_the_labels_of_the_labelled_images_and_no_other(mnist_split, tmp_path, phase):
+    """Every label but the 100 of the labelled set changed: the same training, bit for bit."""
+    others = torch.cat([mnist_split.unlabeled, mnist_split.seeded_test])
+    labels = mnist_split.train_labels.clone()
+    labels[others] = (labels[others] + 1) % 10
+    hidden = dataclasses.replace(mnist_split, train_labels=labels)
+    s = small_settings(hidden_units=24, baseline_steps=2, train_steps=2)  # a few updates show any label read
+    seen = run_phase(phase, s, mnist_split, tmp_path / "seen")
+    blind = run_phase(phase, s, hidden, tmp_path / "blind")
+    assert_same_weights(weights(seen.model), weights(blind.model))
+    assert seen.history == blind.history
+
+
+@pytest.mark.slow  # trains several phases: tens of seconds
 @pytest.mark.parametrize(
     "phase, options",
     [
@@ -115,6 +132,7 @@ def test_checkpoints_a_resume_skipped_as_damaged_never_push_out_the_one_just_wri
     assert max(p.name for p in tmp_path.glob("checkpoint-*.pt")) == "checkpoint-0000006.pt"
 
 
+@pytest.mark.slow  # trains several phases: tens of seconds
 def test_hidden_units_set_the_width_both_models_train_and_ship_and_a_resume_must_keep(mnist_split, tmp_path):
     from job.checkpoint import ResumeMismatch
 
@@ -128,6 +146,7 @@ def test_hidden_units_set_the_width_both_models_train_and_ship_and_a_resume_must
         run_phase("vat", small_settings(ema_decay=0.9), mnist_split, tmp_path / "vat")
 
 
+@pytest.mark.slow  # trains several phases: tens of seconds
 def test_checkpoints_from_before_hidden_units_existed_are_the_articles_width_and_unknown_settings_are_refused(
     mnist_split, tmp_path
 ):
@@ -157,13 +176,47 @@ def test_checkpoints_from_before_hidden_units_existed_are_the_articles_width_and
         run_phase("baseline", article_width, mnist_split, tmp_path)
 
 
-@pytest.mark.parametrize("mode,per_update", [("frozen", 2), ("update", 4)])
-def test_perturbed_passes_leave_batchnorm_running_statistics_alone_when_frozen(mnist_split, mode, per_update):
-    """Per VAT update the labelled and clean unlabelled passes count; the 2 perturbed ones only in 'update'."""
-    trainer = Trainer("vat", small_settings(perturbed_bn=mode), mnist_split, CPU)
-    trainer.model.train()
+def batchnorm_statistics(model):
+    return {name: b.clone() for name, b in model.named_buffers() if name.startswith("bn")}
+
+
+@pytest.mark.parametrize("mode", ["frozen", "update"])
+def test_perturbed_passes_normalise_with_batch_statistics_and_leave_the_running_ones_alone_when_frozen(
+    mnist_split, monkeypatch, mode
+):
+    """The passes inside the LDS (the power iteration's and the perturbed one) see each batch through its own
+    statistics, as in training, not the running ones (eval mode); with VAT_PERTURBED_BN=frozen (the default) they
+    leave the running mean, variance and count exactly as they were, with "update" they fold into them."""
+    import job.train as train_module
+
+    trainer = Trainer("vat", small_settings(perturbed_bn=mode, power_iterations=2), mnist_split, CPU)
+    model = trainer.model.train()
+    norms = [model.bn1, model.bn2]
+    passes, statistics = [], {}
+
+    def normalised_with_batch_statistics(norm, inputs, output):
+        expected = F.batch_norm(inputs[0], None, None, norm.weight, norm.bias, training=True, eps=norm.eps)
+        passes.append(torch.allclose(output, expected, rtol=1e-4, atol=1e-5))
+
+    def spy(*args, **kwargs):
+        statistics["before"] = batchnorm_statistics(model)
+        hooks = [norm.register_forward_hook(normalised_with_batch_statistics) for norm in norms]
+        try:
+            return real(*args, **kwargs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+            statistics["after"] = batchnorm_statistics(model)
+
+    real = train_module.lds_loss
+    monkeypatch.setattr(train_module, "lds_loss", spy)
     trainer.update(0)
-    assert int(trainer.model.bn1.num_batches_tracked) == per_update
+    trainer.update(1)  # the running statistics now hold two updates' worth: far from any one batch's
+    assert len(passes) == 2 * len(norms) * 3 and all(passes), "per update and layer: 2 power iterations, 1 perturbed"
+    before, after = statistics["before"], statistics["after"]
+    assert before.keys() == after.keys() and len(before) == 6
+    unchanged = {name for name in before if torch.equal(before[name], after[name])}
+    assert unchanged == (set(before) if mode == "frozen" else set()), mode
 
 
 def test_amp_bf16_update_runs_and_keeps_the_power_iteration_in_float32(mnist_split, monkeypatch):
@@ -219,6 +272,7 @@ def test_atomic_save_leaves_old_file_when_writing_fails(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [path.name], "no temporary file left behind"
 
 
+@pytest.mark.slow  # trains several phases: tens of seconds
 def test_entmin_weight_ramps_up_linearly_and_a_resumed_run_continues_the_ramp(mnist_split, tmp_path):
     from job.train import entmin_weight_at
 
@@ -358,6 +412,7 @@ def test_weight_average_starts_at_the_weights_and_follows_them_with_the_warm_up_
     assert torch.equal(ema.module.bn1.num_batches_tracked, model.bn1.num_batches_tracked)
 
 
+@pytest.mark.slow
 def test_vat_with_weight_average_ships_the_average(mnist_split, tmp_path):
     result = run_phase("vat", small_settings(ema_decay=0.9), mnist_split, tmp_path)
     assert result.model is not result.last_weights

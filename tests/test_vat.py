@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from job.model import ArticleCNN
 from job.vat import adversarial_direction, kl_with_logits, l2_normalize, lds_loss
@@ -20,6 +21,37 @@ def test_kl_is_zero_for_equal_predictions_and_positive_otherwise():
     logits = torch.randn(8, 10)
     assert kl_with_logits(logits, logits).abs() < 1e-6
     assert kl_with_logits(logits, logits + torch.randn(8, 10)) > 0
+
+
+def kl(q_logits: torch.Tensor, p_logits: torch.Tensor) -> torch.Tensor:
+    """KL(q || p), batch mean, by torch's own kl_div (its input is log p, its target q)."""
+    return F.kl_div(F.log_softmax(p_logits, dim=1), F.softmax(q_logits, dim=1), reduction="batchmean")
+
+
+def test_kl_with_logits_is_kl_of_the_first_against_the_second():
+    torch.manual_seed(0)
+    q, p = torch.randn(16, 10) * 3, torch.randn(16, 10) * 3
+    torch.testing.assert_close(kl_with_logits(q, p), kl(q, p))
+    assert not torch.allclose(kl(q, p), kl(p, q), rtol=0.05), "the two directions differ on these logits"
+
+
+def test_lds_is_kl_from_the_clean_prediction_to_the_perturbed_one():
+    """LDS = KL(p(y|x) || p(y|x + r_adv)): the clean prediction is the reference distribution, not the other way.
+    A linear softmax whose prediction an epsilon of 3 moves far: the two directions differ about fourfold."""
+    torch.manual_seed(0)
+    model = linear_softmax(torch.randn(10, 784) * 0.1)
+    x = torch.rand(16, 1, 28, 28)
+    seen = []
+
+    def forward(z):
+        seen.append(z.detach())
+        return model(z)
+
+    clean = model(x)
+    loss = lds_loss(forward, x, clean, epsilon=3.0, xi=1e-6, power_iterations=1)
+    perturbed = model(seen[-1])  # the last pass is the perturbed one
+    torch.testing.assert_close(loss, kl(clean, perturbed))
+    assert kl(perturbed, clean) < kl(clean, perturbed) / 2
 
 
 def linear_softmax(weight: torch.Tensor):
