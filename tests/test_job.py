@@ -33,9 +33,10 @@ def test_job_exits_0_and_every_stdout_line_is_json_with_the_required_keys(finish
     progress = next(r for r in records if r["event"] == "progress")
     assert {"phase", "step", "of", "percent", "job_eta", "job_eta_s", "steps_per_s", "cross_entropy"} <= progress.keys()
     assert result.stderr.strip() == ""
-    # The run's own log holds every line from the run's start (once its folder is locked) to its end.
+    # The run's own log holds every line from the run's start (once its folder is locked) to its end; the closing
+    # summary is the command's, printed after the run's log is closed.
     logged = events((folder / "log.jsonl").read_text())
-    assert logged and logged == records[names.index("run_started") :]
+    assert logged and logged == records[names.index("run_started") : -1]
 
 
 def test_report_has_the_documented_layout(finished_run):
