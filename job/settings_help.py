@@ -123,8 +123,8 @@ SECTIONS: dict[str, dict[str, str]] = {
     "beyond VAT: consistency, strong augmentation, another network (docs/method.md)": {
         "model": (
             "Network of both models: article (the article's CNN, VAT_HIDDEN_UNITS wide) | conv-small (Conv-Small of the"
-            " Ladder and Pi-model papers: 3x3 convolutions of 96 and 192 channels, global average pooling; 4.5 times"
-            " the arithmetic of the article's CNN; VAT_HIDDEN_UNITS unused)"
+            " Ladder and Pi-model papers: 3x3 convolutions of 96 and 192 channels, global average pooling; about 4 "
+            "times the arithmetic of the article's CNN at 1,024 units; VAT_HIDDEN_UNITS unused)"
         ),
         "labeled_augment": (
             "Labelled batch of both models: weak (VAT_TRANSLATE_PX, VAT_ROTATE_DEG, VAT_ELASTIC_PX) | strong (the "
