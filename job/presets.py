@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from job.training_options import TrainingOptions
+
 # The seed article's training recipe, reproduced exactly by VAT_PRESET=article, quirks included.
 ARTICLE_PRESET: dict[str, Any] = {
     "baseline_steps": 500,
@@ -53,10 +55,13 @@ PRESETS: dict[str, dict[str, Any]] = {"default": {}, "article": ARTICLE_PRESET, 
 
 # Settings added after checkpoints and reports were first written; every run before had the article's value, so a
 # record that lacks one is read as that (a checkpoint of the article's width resumes; another width does not).
-# The strengths of the strong augmentation (VAT_STRONG_*) are not listed: before they existed nothing used them,
-# and a record that lacks them is compared on the switches above alone.
+# The options beyond VAT that the article preset does not name (their strengths, kinds of target) were unused
+# before they existed: read as their defaults, so that `collect` puts a run from before them in its configuration.
 IMPLICIT_BEFORE_ADDED: dict[str, Any] = {
-    name: ARTICLE_PRESET[name]
-    for name in ("hidden_units", "epsilon_scaling", "rotate_deg", "elastic_px", "balance_weight")
-    + ("model", "labeled_augment", "consistency_weight", "consistency_targets_from", "vat_targets_from")
+    **{name: field.default for name, field in TrainingOptions.model_fields.items()},
+    **{
+        name: ARTICLE_PRESET[name]
+        for name in ("hidden_units", "epsilon_scaling", "rotate_deg", "elastic_px", "balance_weight")
+        + ("model", "labeled_augment", "consistency_weight", "consistency_targets_from", "vat_targets_from")
+    },
 }

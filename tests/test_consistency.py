@@ -12,7 +12,7 @@ from job.checkpoint import ResumeMismatch, load_checkpoint, save_checkpoint
 from job.consistency import confident, consistency_loss, sharpened
 from job.data import as_float_batch, warped
 from job.model import ConvSmall, build_model, exported, model_from_record, model_record
-from job.presets import ARTICLE_PRESET
+from job.presets import ARTICLE_PRESET, IMPLICIT_BEFORE_ADDED
 from job.settings import ConfigError, Settings, load_settings
 from job.train import Interrupted, Trainer
 from job.training_options import TrainingOptions
@@ -287,6 +287,13 @@ def test_the_article_preset_and_the_default_have_every_option_off():
         assert (s.consistency_targets_from, s.vat_targets_from) == ("model", "model"), preset
     for name in ("model", "labeled_augment", "consistency_weight", "consistency_targets_from", "vat_targets_from"):
         assert name in ARTICLE_PRESET, f"the article preset says {name} explicitly"
+    # A record (checkpoint, report) from before the options reads as the default's and the article's values, so
+    # `collect` keeps a nightly configuration one group across the change.
+    for preset in ("article", "default"):
+        s = load_settings(env_file=None, preset=preset)
+        assert {name: getattr(s, name) for name in TrainingOptions.model_fields} == {
+            name: IMPLICIT_BEFORE_ADDED[name] for name in TrainingOptions.model_fields
+        }
 
 
 def test_a_resume_across_a_changed_option_is_refused_and_old_checkpoints_count_as_all_off(mnist_split, tmp_path):
