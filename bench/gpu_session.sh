@@ -8,8 +8,9 @@
 #     weights beside the average, `last_*`), most promising first, so a deadline that cuts the sweep short still
 #     leaves whole configurations (48 entries, about 306,000 update-equivalents, of which 40,000-60,000 fit:
 #     run it again on later leases with the entries already measured taken out of the plan); between the two, issue
-#     26's screening of the options beyond VAT (13 entries at 3,000 updates on label seed 1, `screen26_*`).
-# usage: bench/gpu_session.sh MNIST_RAW_GZ_DIR OUT_DIR      (SMOKE=1: a few steps, to test the script on CPU)
+#     26's screening of the options beyond VAT (14 entries at 3,000 updates on label seed 1, `screen26_*`).
+# usage: bench/gpu_session.sh MNIST_RAW_GZ_DIR OUT_DIR      (SMOKE=1: a few steps, to test the script on CPU;
+#        ONLY=screen26_: the sweep trains only the entries whose name starts with it, for a lease of its own)
 set -u
 src=$1; out=$2; mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -42,7 +43,7 @@ timeout 90 python3 bench/bench.py --data-dir $data --profile-steps 0 $steps > "$
 echo "bench default rc=$? $(( $(date +%s) - t0 ))s"; sed -n 4,12p "$out/bench_default_6k.txt"
 
 python3 - "$scale" "${SMOKE:-0}" > /tmp/plan.json <<'EOF'
-import json, sys
+import json, os, sys
 scale, smoke = float(sys.argv[1]), sys.argv[2] == "1"
 base = {"xi": 1.0, "epsilon": 3.5}
 # Every setting a candidate varies is spelled out, so a later change of the job's defaults cannot turn one
@@ -93,6 +94,8 @@ screening = [
     ("reference_default_3k", "vat", wide),
     ("fixmatch", "vat", {**wide, **fixmatch}),
     ("fixmatch_teacher", "vat", {**wide, **fixmatch, **teacher}),
+    # The model's own target carries its dropout noise (fewer pass the threshold): without dropout on unlabelled.
+    ("fixmatch_nodropout_unlabelled", "vat", {**wide, **fixmatch, "dropout_masks": "none"}),
     ("uda_soft", "vat", {**wide, **uda}),
     ("fixmatch_only_no_vat_no_entmin", "vat", {**wide, **fixmatch, "vat_weight": 0.0, "entmin_weight": 0.0}),
     ("labelled_strong", "vat", {**wide, "labeled_augment": "strong"}),
@@ -138,7 +141,7 @@ for name, settings in candidates:
         if smoke:
             s.update(unlabeled_batch_size=32, num_unlabeled=2000)
         plan.append({"name": f"{name}_seed{seed}", "phase": "vat", "settings": s})
-print(json.dumps(plan))
+print(json.dumps([entry for entry in plan if entry["name"].startswith(os.environ.get("ONLY", ""))]))
 EOF
 for w in $(seq 0 $((workers - 1))); do
   timeout "$limit" python3 bench/sweep.py --plan /tmp/plan.json --out "$out/sweep.jsonl" --data-dir $data \
