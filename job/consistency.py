@@ -5,8 +5,8 @@ the same image (job/augment.py) is trained to match it.
 - hard (FixMatch, Sohn et al. 2020): cross-entropy with the target's class;
 - soft (UDA, Xie et al. 2020): KL divergence from the target sharpened with a temperature.
 Both keep only the images whose target is confident (its top probability at least the threshold) and average over
-the whole batch, a dropped image counting 0: the term grows as the model grows sure, with no ramp and no division
-by a count that the host would have to read (a CUDA graph replays the update).
+the whole batch, a dropped image counting 0, as FixMatch does: the term grows as the model grows sure, which
+stands in for a ramp of its weight.
 
 The target comes from the weights being trained, or from their weight average (`targets_from_weight_average`).
 """

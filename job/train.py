@@ -2,8 +2,8 @@
 
 One loop serves both models; only the update differs (`baseline_losses`, `vat_losses`). Batches are
 drawn on the training device from the uint8 images already there. All training randomness (batches,
-dropout masks, VAT directions) comes from the device's default generator, whose state every checkpoint
-keeps, so a resumed run continues exactly where it stopped.
+dropout masks, VAT directions, strong augmentation) comes from the device's default generator, whose state
+every checkpoint keeps, so a resumed run continues exactly where it stopped.
 
 VAT's noise, decided and measured (BENCHMARKS.md):
 - BatchNorm: the perturbed passes normalise with their own batch statistics but, with
