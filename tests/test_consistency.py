@@ -238,6 +238,17 @@ def test_targets_come_from_the_weight_average_in_evaluation_mode(mnist_split, mo
         load_settings(env_file=None, vat_targets_from="weight_average", ema_decay=0.0)
 
 
+def test_with_the_options_off_an_update_draws_and_computes_what_it_did_before_them(mnist_split, monkeypatch):
+    """Off (the default), nothing of them runs: the same draws from the generator, the same numbers as before."""
+    import job.train as train_module
+
+    for name in ("strongly_augmented", "consistency_term", "targets_from_weight_average"):
+        monkeypatch.setattr(train_module, name, lambda *a, _name=name, **k: pytest.fail(f"{_name} ran"))
+    for phase in ("baseline", "vat"):
+        trainer = Trainer(phase, small_settings(hidden_units=24), mnist_split, CPU)
+        assert trainer.update(0)[3] == 0
+
+
 def test_consistency_alone_skips_vats_passes(mnist_split, monkeypatch):
     import job.train as train_module
 
