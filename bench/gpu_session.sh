@@ -7,8 +7,10 @@
 #     sweep also reports every VAT model after BatchNorm re-estimation, `bnre_*`, and with VAT_EMA_DECAY the last
 #     weights beside the average, `last_*`), most promising first, so a deadline that cuts the sweep short still
 #     leaves whole configurations (48 entries, about 306,000 update-equivalents, of which 40,000-60,000 fit:
-#     run it again on later leases with the entries already measured taken out of the plan).
-# usage: bench/gpu_session.sh MNIST_RAW_GZ_DIR OUT_DIR      (SMOKE=1: a few steps, to test the script on CPU)
+#     run it again on later leases with the entries already measured taken out of the plan); between the two, issue
+#     26's screening of the options beyond VAT (15 entries at 3,000 updates on label seed 1, `screen26_*`).
+# usage: bench/gpu_session.sh MNIST_RAW_GZ_DIR OUT_DIR      (SMOKE=1: a few steps, to test the script on CPU;
+#        ONLY=screen26_: the sweep trains only the entries whose name starts with it, for a lease of its own)
 set -u
 src=$1; out=$2; mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -41,7 +43,7 @@ timeout 90 python3 bench/bench.py --data-dir $data --profile-steps 0 $steps > "$
 echo "bench default rc=$? $(( $(date +%s) - t0 ))s"; sed -n 4,12p "$out/bench_default_6k.txt"
 
 python3 - "$scale" "${SMOKE:-0}" > /tmp/plan.json <<'EOF'
-import json, sys
+import json, os, sys
 scale, smoke = float(sys.argv[1]), sys.argv[2] == "1"
 base = {"xi": 1.0, "epsilon": 3.5}
 # Every setting a candidate varies is spelled out, so a later change of the job's defaults cannot turn one
@@ -80,6 +82,35 @@ candidates = [  # issue 13, most promising first; with EMA every entry also scor
     ("ramp12500_ema0.9995_shift1_hidden1024_25k",
      {**wide, "entmin_rampup_steps": 12500, "train_steps": 25000, "ema_decay": 0.9995}),
 ]
+# Issue 26's screening, after the protocol and before issue 13's sweep: the options beyond VAT (docs/method.md), each
+# once, at 3,000 updates on label seed 1 beside the default recipe at the same budget (a screen, not a result: what
+# passes it goes to validation over the label seeds and training seeds of the protocol). Strengths are the
+# VAT_STRONG_* defaults unless named. The baselines are trained under the same labelled augmentation as their VAT.
+fixmatch = {"consistency_weight": 1.0, "consistency_targets": "hard", "consistency_threshold": 0.95}
+uda = {"consistency_weight": 1.0, "consistency_targets": "soft", "consistency_temperature": 0.4,
+       "consistency_threshold": 0.8}
+teacher = {"consistency_targets_from": "weight_average"}
+screening = [
+    ("reference_default_3k", "vat", wide),
+    ("fixmatch", "vat", {**wide, **fixmatch}),
+    ("fixmatch_teacher", "vat", {**wide, **fixmatch, **teacher}),
+    # The model's own target carries its dropout noise (fewer pass the threshold): without dropout on unlabelled.
+    ("fixmatch_nodropout_unlabelled", "vat", {**wide, **fixmatch, "dropout_masks": "none"}),
+    ("uda_soft", "vat", {**wide, **uda}),
+    ("fixmatch_only_no_vat_no_entmin", "vat", {**wide, **fixmatch, "vat_weight": 0.0, "entmin_weight": 0.0}),
+    ("labelled_strong", "vat", {**wide, "labeled_augment": "strong"}),
+    ("labelled_strong_baseline", "baseline", {**wide, "labeled_augment": "strong"}),
+    ("fixmatch_labelled_strong", "vat", {**wide, **fixmatch, "labeled_augment": "strong"}),
+    ("fixmatch_stronger_augmentation", "vat", {**wide, **fixmatch, "strong_rotate_deg": 30.0,
+                                                "strong_elastic_px": 2.0, "strong_cutout_px": 12}),
+    # Cutout can erase what tells a digit apart (a 7's bar, the top of a 1: "i"); without it:
+    ("fixmatch_no_cutout", "vat", {**wide, **fixmatch, "strong_cutout_px": 0}),
+    ("vat_target_teacher", "vat", {**wide, "vat_targets_from": "weight_average"}),
+    ("conv_small", "vat", {**wide, "model": "conv-small"}),
+    ("conv_small_fixmatch_teacher_labelled_strong", "vat",
+     {**wide, **fixmatch, **teacher, "model": "conv-small", "labeled_augment": "strong"}),
+    ("conv_small_baseline", "baseline", {**wide, "model": "conv-small"}),
+]
 # Issue 24's protocol first (BENCHMARKS.md section 4): the noise from training seeds on label seed 1, at 6,000 and
 # 3,000 updates (is the doubling worth it on validation alone?), then the frozen default on the reporting draws
 # 11-15, never used for any choice, with its baseline.
@@ -96,6 +127,13 @@ for name, phase, settings in protocol:
     if smoke:
         s.update(unlabeled_batch_size=32, num_unlabeled=2000)
     plan.append({"name": name, "phase": phase, "settings": s})
+for name, phase, settings in screening:
+    s = {**settings, "label_split_seed": 1, "train_steps": max(3, int(settings["train_steps"] * scale))}
+    s["entmin_rampup_steps"] = max(1, int(s["entmin_rampup_steps"] * scale))
+    if smoke:
+        s.update(unlabeled_batch_size=32, num_unlabeled=2000)
+        s["baseline_steps"] = 5
+    plan.append({"name": f"screen26_{name}_seed1", "phase": phase, "settings": s})
 for name, settings in candidates:
     for seed in (1, 2, 3):
         s = {**settings, "label_split_seed": seed}
@@ -105,7 +143,7 @@ for name, settings in candidates:
         if smoke:
             s.update(unlabeled_batch_size=32, num_unlabeled=2000)
         plan.append({"name": f"{name}_seed{seed}", "phase": "vat", "settings": s})
-print(json.dumps(plan))
+print(json.dumps([entry for entry in plan if entry["name"].startswith(os.environ.get("ONLY", ""))]))
 EOF
 for w in $(seq 0 $((workers - 1))); do
   timeout "$limit" python3 bench/sweep.py --plan /tmp/plan.json --out "$out/sweep.jsonl" --data-dir $data \

@@ -1,5 +1,6 @@
 """The seed article's CNN: two conv-BN-ReLU-pool blocks (32, 64 channels), FC 3136-100, dropout 0.5, FC 100-10.
 The hidden layer's width is a setting (VAT_HIDDEN_UNITS, default 1,024, beyond the article; VAT_PRESET=article: 100).
+VAT_MODEL=conv-small trains the larger Conv-Small (`ConvSmall`) instead, beyond the article.
 Also: BatchNorm with frozen running statistics (for the perturbed passes) and the weight average (VAT_EMA_DECAY).
 
 Two changes compute the same function faster or let VAT control its noise:
@@ -21,9 +22,12 @@ from torch.nn import functional as F
 
 ARTICLE_HIDDEN = 100
 DROPOUT_P = 0.5
+LEAK = 0.1  # Conv-Small's LeakyReLU slope
 
 
 class ArticleCNN(nn.Module):
+    architecture = "article"
+
     def __init__(self, hidden_units: int = ARTICLE_HIDDEN, num_classes: int = 10) -> None:
         super().__init__()
         self.hidden_units = hidden_units
@@ -59,8 +63,72 @@ class ArticleCNN(nn.Module):
         return self.fc2(F.relu(h))
 
 
-def build_model(hidden_units: int = ARTICLE_HIDDEN) -> ArticleCNN:
-    return ArticleCNN(hidden_units)
+class ConvSmall(nn.Module):
+    """Conv-Small of the Ladder network (Rasmus et al. 2015) and Pi-model (Laine and Aila 2017) papers, for 28 x 28
+    digits: 3x3 convolutions of 96, then 192 channels, each with BatchNorm, 2x2 max-pooling, LeakyReLU(0.1) and
+    dropout; then a 3x3 convolution without padding (7 x 7 -> 5 x 5) and a 1x1 one, 192 channels, and a 1x1 one to
+    the 10 classes with BatchNorm; the logits are its mean over the positions (no fully connected layer). PyTorch's
+    default initialisation. The dropout mask covers both dropout layers, one flat row per image, so that VAT's
+    passes can share it as they share the article CNN's."""
+
+    architecture = "conv-small"
+    DROPPED = ((96, 14), (192, 7))  # (channels, side) of the two dropout layers' inputs
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 96, 3, padding=1, bias=False), nn.BatchNorm2d(96)
+        self.conv2, self.bn2 = nn.Conv2d(96, 192, 3, padding=1, bias=False), nn.BatchNorm2d(192)
+        self.conv3, self.bn3 = nn.Conv2d(192, 192, 3, bias=False), nn.BatchNorm2d(192)
+        self.conv4, self.bn4 = nn.Conv2d(192, 192, 1, bias=False), nn.BatchNorm2d(192)
+        self.conv5, self.bn5 = nn.Conv2d(192, num_classes, 1, bias=False), nn.BatchNorm2d(num_classes)
+
+    def dropout_mask(self, batch_size: int, like: torch.Tensor, p: float = DROPOUT_P) -> torch.Tensor:
+        """A scaled Bernoulli mask [batch_size, 96 * 14 * 14 + 192 * 7 * 7] for both dropout layers (p=0: keep all)."""
+        size = sum(channels * side * side for channels, side in self.DROPPED)
+        keep = torch.ones(batch_size, size, device=like.device, dtype=like.dtype)
+        return keep if p == 0.0 else keep.bernoulli_(1 - p).div_(1 - p)
+
+    def forward(self, x: torch.Tensor, dropout_mask: torch.Tensor | None = None) -> torch.Tensor:
+        mask = None
+        if self.training:
+            mask = dropout_mask if dropout_mask is not None else self.dropout_mask(x.shape[0], x)
+        h, start = x, 0
+        for (conv, norm), (channels, side) in zip(
+            ((self.conv1, self.bn1), (self.conv2, self.bn2)), self.DROPPED, strict=True
+        ):
+            # Pooling before the activation, as in ArticleCNN: LeakyReLU is monotonic too, and touches a quarter.
+            h = F.leaky_relu(F.max_pool2d(norm(conv(h)), 2), LEAK)
+            if mask is not None:
+                part = mask[:, start : start + channels * side * side]
+                # Laid out as the channels-last activations are, so the product stays channels-last.
+                h = h * part.reshape(-1, side, side, channels).permute(0, 3, 1, 2).to(h.dtype)
+                start += channels * side * side
+        h = F.leaky_relu(self.bn3(self.conv3(h)), LEAK)
+        h = F.leaky_relu(self.bn4(self.conv4(h)), LEAK)
+        return self.bn5(self.conv5(h)).mean(dim=(2, 3))
+
+
+ARCHITECTURES = ("article", "conv-small")
+
+
+def build_model(hidden_units: int = ARTICLE_HIDDEN, architecture: str = "article") -> nn.Module:
+    """The network VAT_MODEL names; `hidden_units` is the article CNN's width (Conv-Small has none)."""
+    if architecture == "conv-small":
+        return ConvSmall()
+    if architecture == "article":
+        return ArticleCNN(hidden_units)
+    raise ValueError(f"unknown model {architecture!r} (known: {', '.join(ARCHITECTURES)})")
+
+
+def model_record(model: nn.Module) -> dict[str, str | int]:
+    """What model.pt records beside the weights, so that whoever loads it can build the same network."""
+    width = {"hidden_units": model.hidden_units} if isinstance(model, ArticleCNN) else {}
+    return {"architecture": str(model.architecture), **width}
+
+
+def model_from_record(record: dict) -> nn.Module:
+    """An untrained network of the kind `model_record` describes; a model.pt from before VAT_MODEL is the article's."""
+    return build_model(int(record.get("hidden_units", ARTICLE_HIDDEN)), str(record.get("architecture", "article")))
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ import torch
 from job.checkpoint import CheckpointError, load_checkpoint
 from job.data import read_idx
 from job.layout import FINAL_MODEL
-from job.model import DigitClassifier, build_model
+from job.model import DigitClassifier, model_from_record
 from job.settings import ConfigError
 from job.storage import StorageError
 from job.untrusted import Untrusted, mask
@@ -40,10 +40,10 @@ def load_model(where: Path, phase: str = "vat") -> torch.nn.Module:
         state = load_checkpoint(path)
     except (CheckpointError, FileNotFoundError) as error:
         raise PredictError(f"{path}: not a vat-job model ({error})") from None
-    model = build_model(int(state.get("hidden_units", 100)))
     try:
+        model = model_from_record(state)
         model.load_state_dict(state["model"])
-    except (RuntimeError, KeyError) as error:
+    except (RuntimeError, KeyError, ValueError) as error:
         raise PredictError(f"{path}: its weights do not fit the model ({str(error).splitlines()[0]})") from None
     return DigitClassifier(model).eval()
 

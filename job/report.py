@@ -94,6 +94,8 @@ def plot_losses(layout: RunLayout, histories: dict[str, dict[str, list[float]]])
     axes[1].plot(vat.get("lds", []), label="LDS", linewidth=0.8)
     if any(vat.get("entropy", [])):
         axes[1].plot(vat["entropy"], label="entropy", linewidth=0.8)
+    if any(vat.get("consistency", [])):
+        axes[1].plot(vat["consistency"], label="consistency", linewidth=0.8)
     axes[1].set(title="VAT: local distributional smoothness", xlabel="update")
     axes[1].legend()
     path = layout.plots / "losses.png"

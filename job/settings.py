@@ -20,6 +20,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, Settin
 
 from job.presets import PRESETS
 from job.runid import RUN_ID_PATTERN, cronjob_group, generate_run_id, kubernetes_run_id
+from job.training_options import TrainingOptions
 from job.untrusted import BOTO3_ENDPOINTS, MAX_DRIFT_WINDOW, checked_url, mask, register_environment_secrets
 
 ENV_PREFIX = "VAT_"
@@ -33,7 +34,7 @@ class ConfigError(Exception):
     """A setting is invalid; the message is one line naming the variable, its value and what is allowed."""
 
 
-class Settings(BaseSettings):
+class Settings(BaseSettings, TrainingOptions):  # TrainingOptions: the options beyond VAT
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
         env_file=".env",

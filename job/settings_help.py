@@ -120,6 +120,44 @@ SECTIONS: dict[str, dict[str, str]] = {
         ),
         "eval_batch_size": "Images per evaluation batch",
     },
+    "beyond VAT: consistency, strong augmentation, another network (docs/method.md)": {
+        "model": (
+            "Network of both models: article (the article's CNN, VAT_HIDDEN_UNITS wide) | conv-small (Conv-Small of the"
+            " Ladder and Pi-model papers: 3x3 convolutions of 96 and 192 channels, global average pooling; about 4 "
+            "times the arithmetic of the article's CNN at 1,024 units; VAT_HIDDEN_UNITS unused)"
+        ),
+        "labeled_augment": (
+            "Labelled batch of both models: weak (VAT_TRANSLATE_PX, VAT_ROTATE_DEG, VAT_ELASTIC_PX) | strong (the "
+            "VAT_STRONG_* transform instead), whatever the unlabelled batch gets"
+        ),
+        "consistency_weight": (
+            "Weight of consistency across strong augmentation (FixMatch, UDA): a strongly augmented copy of each "
+            "unlabelled image is trained to match the prediction on its weakly augmented one; 0 turns it off"
+        ),
+        "consistency_targets": (
+            "hard (FixMatch: cross-entropy with the predicted class) | soft (UDA: KL divergence from the prediction "
+            "sharpened by VAT_CONSISTENCY_TEMPERATURE)"
+        ),
+        "consistency_threshold": (
+            "Only images whose weak prediction gives its class at least this probability count (both kinds of target;"
+            " the others count 0 in the batch's mean); 0 keeps all"
+        ),
+        "consistency_temperature": "Soft targets are softmax(logits / this): below 1 sharper than the prediction",
+        "consistency_targets_from": (
+            "model (the weights being trained, on the same batch) | weight_average (mean teacher: the VAT_EMA_DECAY "
+            "average, in evaluation mode; needs VAT_EMA_DECAY > 0)"
+        ),
+        "vat_targets_from": (
+            "The clean prediction VAT's perturbed pass must match: model | weight_average (as above; EntMin stays on "
+            "the model's own prediction)"
+        ),
+        "strong_translate_px": "Strong augmentation: a random whole-pixel shift of up to this many pixels per axis",
+        "strong_rotate_deg": "Strong augmentation: a random turn of up to this many degrees either way",
+        "strong_shear_deg": "Strong augmentation: a random horizontal shear of up to this many degrees either way",
+        "strong_scale": "Strong augmentation: the digit drawn at a random size within 1 plus or minus this",
+        "strong_elastic_px": "Strong augmentation: an elastic distortion of this many pixels (as VAT_ELASTIC_PX)",
+        "strong_cutout_px": "Strong augmentation: a square of this side, at a random place, blanked out; 0: none",
+    },
     "output": {
         "log_format": (
             "auto (console at a terminal, JSON lines otherwise: docker without -t, Kubernetes) | json | console"

@@ -2,8 +2,8 @@
 
 One loop serves both models; only the update differs (`baseline_losses`, `vat_losses`). Batches are
 drawn on the training device from the uint8 images already there. All training randomness (batches,
-dropout masks, VAT directions) comes from the device's default generator, whose state every checkpoint
-keeps, so a resumed run continues exactly where it stopped.
+dropout masks, VAT directions, strong augmentation) comes from the device's default generator, whose state
+every checkpoint keeps, so a resumed run continues exactly where it stopped.
 
 VAT's noise, decided and measured (BENCHMARKS.md):
 - BatchNorm: the perturbed passes normalise with their own batch statistics but, with
@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from job.augment import StrongAugmentation, strongly_augmented
 from job.checkpoint import (
     checkpoint_name,
     latest_intact_checkpoint,
@@ -33,13 +34,15 @@ from job.checkpoint import (
     save_checkpoint,
     training_settings,
 )
+from job.consistency import consistency_term, targets_from_weight_average
 from job.data import MnistSplit, as_float_batch, training_batch
 from job.device import GraphedUpdate, autocast, full_precision, host_memory_reused
-from job.model import DROPOUT_P, build_model, running_stats_frozen, weight_average
+from job.model import DROPOUT_P, build_model, model_record, running_stats_frozen, weight_average
+from job.schedules import entmin_weight_at, lr_at
 from job.stop import Interrupted, StopFlag
 from job.vat import entropy_with_logits, lds_loss, marginal_entropy_with_logits
 
-LOSS_NAMES = ("cross_entropy", "lds", "entropy")
+LOSS_NAMES = ("cross_entropy", "lds", "entropy", "consistency")
 
 
 @dataclass
@@ -63,16 +66,6 @@ class Hooks:
     on_progress: Callable[..., None] = lambda phase, done, total, rate, lr, losses: None  # job.progress.Progress
 
 
-def lr_at(step: int, total: int, lr: float, decay: str) -> float:
-    return lr * (1.0 - step / total) if decay == "linear" else lr
-
-
-def entmin_weight_at(step: int, weight: float, rampup_steps: int) -> float:
-    """EntMin's weight: rising linearly over the first `rampup_steps` updates, so that it sharpens predictions
-    once VAT has made them mostly right (at full weight from the start it can merge two classes)."""
-    return weight * min(1.0, step / rampup_steps) if rampup_steps else weight
-
-
 class Trainer:
     """Holds a phase's model, optimiser and data; `update()` performs one training step and returns its losses."""
 
@@ -81,7 +74,7 @@ class Trainer:
         self.total_steps = settings.baseline_steps if phase == "baseline" else settings.train_steps
         torch.manual_seed(settings.seed + (0 if phase == "baseline" else 1))
         # channels_last: oneDNN's and cuDNN's fast convolution and pooling layout (x1.4 per update on CPU).
-        self.model = build_model(settings.hidden_units).to(device, memory_format=torch.channels_last)
+        self.model = build_model(settings.hidden_units, settings.model).to(device, memory_format=torch.channels_last)
         use_graphs = device.type == "cuda" and settings.cuda_graphs and settings.amp != "fp16"
         lr: float | torch.Tensor = torch.tensor(settings.lr, device=device) if use_graphs else settings.lr
         self.optimizer = torch.optim.Adam(
@@ -92,6 +85,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=settings.amp == "fp16")
         self.graphed = GraphedUpdate() if use_graphs else None
         self.ema = weight_average(self.model, settings.ema_decay) if phase == "vat" and settings.ema_decay else None
+        self.strong = StrongAugmentation.from_settings(settings)
 
     def batch(self, indices: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.s
@@ -105,7 +99,11 @@ class Trainer:
     # --- the two updates -------------------------------------------------------------------------
 
     def _labeled_loss(self) -> torch.Tensor:
-        x, idx = self.batch(self.data.labeled, self.s.labeled_batch_size)
+        if self.s.labeled_augment == "strong":  # instead of the weak transform, not on top of it
+            _, idx = training_batch(self.data.train_images, self.data.labeled, self.s.labeled_batch_size)
+            x = strongly_augmented(self.data.train_images[idx], self.strong)
+        else:
+            x, idx = self.batch(self.data.labeled, self.s.labeled_batch_size)
         with autocast(self.device, self.s.amp):
             logits = self.model(x)
         return F.cross_entropy(logits.float(), self.data.train_labels[idx])
@@ -114,7 +112,7 @@ class Trainer:
         ce = self._labeled_loss()
         self._backward(ce)
         self._step()
-        return torch.cat([ce.detach().view(1), ce.new_zeros(2)])
+        return torch.cat([ce.detach().view(1), ce.new_zeros(len(LOSS_NAMES) - 1)])
 
     def vat_losses(self) -> torch.Tensor:
         s, model = self.s, self.model
@@ -122,7 +120,7 @@ class Trainer:
         # waits in memory while the next one is built (lower peak memory, BENCHMARKS.md).
         ce = self._labeled_loss()
         self._backward(ce)
-        xu, _ = self.batch(self.data.unlabeled, s.unlabeled_batch_size)
+        xu, unlabeled = self.batch(self.data.unlabeled, s.unlabeled_batch_size)
         mask = None  # "independent": each pass draws its own, as nn.Dropout would
         if s.dropout_masks != "independent":
             mask = model.dropout_mask(len(xu), xu, p=0.0 if s.dropout_masks == "none" else DROPOUT_P)
@@ -142,20 +140,30 @@ class Trainer:
             entropy = entropy_with_logits(clean_logits)
             balance = s.balance_weight * marginal_entropy_with_logits(clean_logits) if s.balance_weight else 0.0
             self._backward(self.entmin_scale * entropy - balance)
-        with running_stats_frozen(model, s.perturbed_bn == "frozen"):
-            lds = lds_loss(
-                forward,
-                xu,
-                clean_logits,
-                epsilon=s.epsilon,
-                epsilon_scaling=s.epsilon_scaling,
-                xi=s.xi,
-                power_iterations=s.power_iterations,
-                power_forward=power_forward,
-            )
-        self._backward(s.vat_weight * lds)
+        targets = {"model": clean_logits, "weight_average": None}  # EntMin's term above stays the model's own
+        if self.ema is not None and "weight_average" in (s.vat_targets_from, s.consistency_targets_from):
+            with full_precision(self.device):
+                targets["weight_average"] = targets_from_weight_average(self.ema.module, xu)
+        lds = consistency = torch.zeros((), device=self.device)  # what a term that is off adds
+        if s.vat_weight:  # VAT_VAT_WEIGHT=0: consistency alone (FixMatch, UDA), without VAT's two passes
+            with running_stats_frozen(model, s.perturbed_bn == "frozen"):
+                lds = lds_loss(
+                    forward,
+                    xu,
+                    targets[s.vat_targets_from],
+                    epsilon=s.epsilon,
+                    epsilon_scaling=s.epsilon_scaling,
+                    xi=s.xi,
+                    power_iterations=s.power_iterations,
+                    power_forward=power_forward,
+                )
+            self._backward(s.vat_weight * lds)
+        if s.consistency_weight:
+            strong = strongly_augmented(self.data.train_images[unlabeled], self.strong)  # the same images
+            consistency = consistency_term(model, strong, targets[s.consistency_targets_from], mask, s, self.device)
+            self._backward(s.consistency_weight * consistency)
         self._step()
-        return torch.stack([ce.detach(), lds.detach(), entropy.detach()])
+        return torch.stack([ce.detach(), lds.detach(), entropy.detach(), consistency.detach()])
 
     def _backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
@@ -239,7 +247,7 @@ def _train_phase(
     saved = latest_intact_checkpoint(folder, hooks.on_corrupt, (phase, trainer.model.state_dict(), settings))
     if saved is not None:
         start, old_history, seconds = trainer.restore(saved)
-        history[:start] = old_history.to(device)
+        history[:start, : old_history.shape[1]] = old_history.to(device)  # fewer columns: from before a term
         resumed_from = start
         log.info("resumed", phase=phase, step=start, of=total)
 
@@ -307,6 +315,6 @@ def reestimate_batchnorm(model: nn.Module, data: MnistSplit, batch_size: int) ->
 
 
 def save_final_model(model: nn.Module, path: Path, hooks: Hooks) -> None:
-    # The width travels with the weights: whoever loads model.pt builds ArticleCNN(hidden_units) to match.
-    save_checkpoint(path, {"model": model.state_dict(), "step": -1, "hidden_units": model.hidden_units})
+    # The network and its width travel with the weights: whoever loads model.pt builds the same (model_from_record).
+    save_checkpoint(path, {"model": model.state_dict(), "step": -1, **model_record(model)})
     hooks.on_checkpoint(path)

@@ -149,6 +149,56 @@ def events(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+# --- training phases in this process (torch is imported when one is used) ------------------------------------
+
+
+def small_settings(**overrides: Any) -> Settings:
+    """Settings of a phase trained in a few seconds on the CPU: 4 baseline and 6 VAT updates, a checkpoint every 2."""
+    from job.settings import load_settings
+
+    values = dict(baseline_steps=4, train_steps=6, unlabeled_batch_size=32, checkpoint_every=2, log_every_s=1000)
+    values.update(overrides)
+    return load_settings(env_file=None, **values)
+
+
+def stop_after(n: int) -> Any:
+    """A stop flag that behaves as if SIGTERM arrived during update number `n` (train_phase's `stop`)."""
+    from job.stop import StopFlag
+
+    class StopAfter(StopFlag):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls = 0
+
+        def is_set(self) -> bool:
+            self.calls += 1
+            return self.calls >= n
+
+    return StopAfter()
+
+
+def run_phase(phase: str, settings: Settings, split: Any, folder: Path, stop: Any = None) -> Any:
+    """train_phase on the CPU, logging to the job's logger, resuming from what `folder` holds."""
+    import torch
+
+    from job.logs import get_logger
+    from job.train import Hooks, StopFlag, train_phase
+
+    return train_phase(phase, settings, split, torch.device("cpu"), folder, stop or StopFlag(), Hooks(log=get_logger()))
+
+
+def weights(model: Any) -> dict[str, Any]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_weights(a: dict[str, Any], b: dict[str, Any]) -> None:
+    import torch
+
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
 PIPE_BYTES = 4096  # the smallest pipe Linux makes: one page
 SHORTEST_PROGRESS_LINE = 180  # bytes; every progress line read is checked against it
 AT_MOST_UPDATES_AHEAD = PIPE_BYTES // SHORTEST_PROGRESS_LINE + 2  # see RunningJob

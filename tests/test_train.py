@@ -8,42 +8,10 @@ from torch.nn import functional as F
 
 from job.checkpoint import CheckpointError, latest_intact_checkpoint, load_checkpoint, save_checkpoint
 from job.logs import get_logger
-from job.settings import load_settings
 from job.train import Hooks, Interrupted, StopFlag, Trainer, train_phase
+from tests.support import assert_same_weights, run_phase, small_settings, stop_after, weights
 
 CPU = torch.device("cpu")
-
-
-def small_settings(**overrides):
-    values = dict(baseline_steps=4, train_steps=6, unlabeled_batch_size=32, checkpoint_every=2, log_every_s=1000)
-    values.update(overrides)
-    return load_settings(env_file=None, **values)
-
-
-class StopAfter(StopFlag):
-    """Behaves as if SIGTERM arrived during update number `n`."""
-
-    def __init__(self, n):
-        super().__init__()
-        self.calls, self.n = 0, n
-
-    def is_set(self):
-        self.calls += 1
-        return self.calls >= self.n
-
-
-def run_phase(phase, settings, split, folder, stop=None):
-    return train_phase(phase, settings, split, CPU, folder, stop or StopFlag(), Hooks(log=get_logger()))
-
-
-def weights(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def assert_same_weights(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
 
 
 @pytest.mark.slow  # trains several phases: tens of seconds
@@ -86,7 +54,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(mnist_split, tmp_path, pha
     s = small_settings(checkpoint_every=100, **options)
     straight = run_phase(phase, s, mnist_split, tmp_path / "straight")
     with pytest.raises(Interrupted) as info:
-        run_phase(phase, s, mnist_split, tmp_path / "resumed", stop=StopAfter(3))
+        run_phase(phase, s, mnist_split, tmp_path / "resumed", stop=stop_after(3))
     assert info.value.step == 3 and info.value.checkpoint.exists()
     resumed = run_phase(phase, s, mnist_split, tmp_path / "resumed")
     assert resumed.resumed_from == 3
@@ -113,7 +81,7 @@ def test_resume_with_other_training_settings_is_refused(mnist_split, tmp_path):
 def test_the_run_folder_keeps_the_newest_checkpoints_and_a_resume_uses_them(mnist_split, tmp_path):
     s = small_settings(keep_checkpoints=1, baseline_steps=6)
     with pytest.raises(Interrupted):
-        run_phase("baseline", s, mnist_split, tmp_path, stop=StopAfter(5))
+        run_phase("baseline", s, mnist_split, tmp_path, stop=stop_after(5))
     assert [path.name for path in tmp_path.glob("checkpoint-*.pt")] == ["checkpoint-0000005.pt"]
     assert run_phase("baseline", s, mnist_split, tmp_path).resumed_from == 5
     assert sorted(path.name for path in tmp_path.glob("checkpoint-*.pt")) == ["checkpoint-0000006.pt"]
@@ -122,7 +90,7 @@ def test_the_run_folder_keeps_the_newest_checkpoints_and_a_resume_uses_them(mnis
 def test_checkpoints_a_resume_skipped_as_damaged_never_push_out_the_one_just_written(mnist_split, tmp_path):
     s = small_settings(baseline_steps=6)  # VAT_KEEP_CHECKPOINTS=2
     with pytest.raises(Interrupted):
-        run_phase("baseline", s, mnist_split, tmp_path, stop=StopAfter(5))  # leaves 4 and 5
+        run_phase("baseline", s, mnist_split, tmp_path, stop=stop_after(5))  # leaves 4 and 5
     for path in tmp_path.glob("checkpoint-*.pt"):
         path.write_bytes(path.read_bytes()[:100])  # both damaged: the resume starts from scratch
     written = []
@@ -281,7 +249,7 @@ def test_entmin_weight_ramps_up_linearly_and_a_resumed_run_continues_the_ramp(mn
     s = small_settings(entmin_weight=1.0, entmin_rampup_steps=4, checkpoint_every=100)
     straight = run_phase("vat", s, mnist_split, tmp_path / "straight")
     with pytest.raises(Interrupted):
-        run_phase("vat", s, mnist_split, tmp_path / "resumed", stop=StopAfter(3))
+        run_phase("vat", s, mnist_split, tmp_path / "resumed", stop=stop_after(3))
     resumed = run_phase("vat", s, mnist_split, tmp_path / "resumed")
     assert_same_weights(weights(straight.model), weights(resumed.model))
     unramped = run_phase("vat", small_settings(entmin_weight=1.0), mnist_split, tmp_path / "unramped")

@@ -1,0 +1,331 @@
+"""The options beyond VAT (issue 26): strong augmentation, consistency across it, targets from the weight average,
+Conv-Small. What they are worth is for the GPU's screening (bench/gpu_session.sh); here: what they compute."""
+
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from job.augment import StrongAugmentation, cut_out, strongly_augmented
+from job.checkpoint import ResumeMismatch, load_checkpoint, save_checkpoint
+from job.consistency import confident, consistency_loss, sharpened
+from job.data import as_float_batch, warped
+from job.model import ConvSmall, build_model, exported, model_from_record, model_record
+from job.presets import ARTICLE_PRESET, IMPLICIT_BEFORE_ADDED
+from job.settings import ConfigError, Settings, load_settings
+from job.train import Interrupted, Trainer
+from job.training_options import TrainingOptions
+from tests.support import assert_same_weights, run_phase, small_settings, stop_after, weights
+
+CPU = torch.device("cpu")
+NONE = StrongAugmentation(translate_px=0, rotate_deg=0, shear_deg=0, scale=0, elastic_px=0, cutout_px=0)
+DEFAULT = StrongAugmentation.from_settings(Settings(_env_file=None))
+
+
+def digits(split, n=16):
+    return split.train_images[split.labeled[:n]]
+
+
+# --- strong augmentation -------------------------------------------------------------------------------------
+
+
+def test_strong_augmentation_gives_each_image_its_own_transform_and_the_generator_decides_which(mnist_split):
+    copies = digits(mnist_split, 1).repeat(12, 1, 1)  # one digit twelve times: any difference is the transform
+    torch.manual_seed(5)
+    first = strongly_augmented(copies, DEFAULT)
+    assert first.shape == (12, 1, 28, 28) and first.dtype == torch.float32 and first.device == copies.device
+    assert first.is_contiguous(memory_format=torch.channels_last) and 0 <= first.min() and first.max() <= 1
+    pairs = [(i, j) for i in range(12) for j in range(i + 1, 12)]
+    assert all(not torch.equal(first[i], first[j]) for i, j in pairs), "two images shared a transform"
+    torch.manual_seed(5)
+    assert torch.equal(strongly_augmented(copies, DEFAULT), first), "the same generator state, the same transforms"
+    assert not torch.equal(strongly_augmented(copies, DEFAULT), first), "the generator moved on"
+
+
+def test_strong_augmentation_draws_from_the_default_generator_of_the_images_device(mnist_split, monkeypatch):
+    """Every random draw names the images' device (on CUDA: its generator, inside a graph; the CPU's untouched)."""
+    devices = []
+    for name in ("rand", "randint", "randn"):
+        real = getattr(torch, name)
+
+        def spy(*args, _real=real, **kwargs):
+            devices.append(kwargs.get("device"))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(torch, name, spy)
+    strongly_augmented(digits(mnist_split), DEFAULT)
+    assert len(devices) == 4 and all(torch.device(d) == CPU for d in devices), devices
+
+
+def test_with_every_strength_at_zero_the_images_are_only_converted(mnist_split):
+    images = digits(mnist_split)
+    torch.testing.assert_close(strongly_augmented(images, NONE), as_float_batch(images), atol=1e-5, rtol=0)
+
+
+def test_the_affine_part_is_the_rotation_it_draws_when_only_rotation_is_on(mnist_split):
+    images = digits(mnist_split)
+    torch.manual_seed(3)
+    turned = strongly_augmented(images, StrongAugmentation(0, 30.0, 0, 0, 0, 0))
+    torch.manual_seed(3)
+    angles = (torch.rand(3, len(images)) * 2 - 1)[0] * math.radians(30.0)
+    torch.testing.assert_close(turned, warped(as_float_batch(images), angles), atol=1e-5, rtol=0)
+    assert angles.abs().max() > math.radians(10), "a range of angles, not all near 0"
+
+
+def test_cutout_blanks_one_square_of_at_most_the_side_per_image_and_touches_nothing_else():
+    batch = torch.rand(64, 1, 28, 28) + 0.1  # no pixel is 0 before
+    torch.manual_seed(0)
+    cut = cut_out(batch, 6)
+    assert cut_out(batch, 0) is batch
+    blanked = cut == 0
+    assert torch.equal(cut[~blanked], batch[~blanked])
+    for image in blanked[:, 0]:
+        rows, cols = image.any(dim=1).nonzero().flatten(), image.any(dim=0).nonzero().flatten()
+        assert 1 <= len(rows) <= 6 and 1 <= len(cols) <= 6
+        assert image.sum() == len(rows) * len(cols), "one axis-aligned rectangle (a square cut by the border)"
+    assert (blanked.sum(dim=(1, 2, 3)) == 36).sum() > 25, "most squares lie inside the image"
+
+
+# --- the consistency loss ------------------------------------------------------------------------------------
+
+
+def logits_with_top_probability(tops):
+    """Logits whose softmax gives class i % 10 probability tops[i] and spreads the rest evenly."""
+    rows = []
+    for i, top in enumerate(tops):
+        p = torch.full((10,), (1 - top) / 9)
+        p[i % 10] = top
+        rows.append(p.log())
+    return torch.stack(rows)
+
+
+def test_the_pseudo_label_mask_keeps_exactly_the_targets_at_or_above_the_threshold():
+    target = logits_with_top_probability([0.99, 0.96, 0.94, 0.5, 0.951, 0.2])
+    assert confident(target, 0.95).tolist() == [1, 1, 0, 0, 1, 0]
+    assert confident(target, 0.0).tolist() == [1] * 6 and confident(target, 1.0).tolist() == [0] * 6
+    strong = torch.randn(6, 10)
+    per_image = F.cross_entropy(strong, target.argmax(dim=1), reduction="none")
+    for threshold, kept in ((0.95, [0, 1, 4]), (0.0, range(6)), (0.995, [])):
+        loss = consistency_loss(strong, target, mode="hard", threshold=threshold, temperature=1.0)
+        torch.testing.assert_close(loss, per_image[list(kept)].sum() / 6)  # the mean over the whole batch
+        soft = consistency_loss(strong, target, mode="soft", threshold=threshold, temperature=1.0)
+        assert (soft == 0) == (len(list(kept)) == 0), "the mask applies to soft targets too"
+
+
+def test_soft_targets_sharpen_with_a_temperature_below_one():
+    target = torch.randn(32, 10)
+    plain = F.softmax(target, dim=1)
+    torch.testing.assert_close(sharpened(target, 1.0), plain)
+    sharp, sharper = sharpened(target, 0.5), sharpened(target, 0.1)
+    assert torch.equal(sharp.argmax(dim=1), plain.argmax(dim=1)), "the same class, surer"
+    assert (plain.amax(dim=1) < sharp.amax(dim=1)).all() and (sharp.amax(dim=1) < sharper.amax(dim=1)).all()
+    torch.testing.assert_close(sharp.sum(dim=1), torch.ones(32))
+
+
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+def test_the_loss_is_zero_when_the_strong_view_predicts_the_target_and_no_gradient_reaches_the_target(mode):
+    torch.manual_seed(0)
+    target = torch.randn(16, 10, requires_grad=True)
+    if mode == "soft":
+        matching = (target.detach() / 0.4).clone()  # softmax(matching) is the sharpened target itself
+    else:
+        matching = 60.0 * F.one_hot(target.detach().argmax(dim=1), 10).float()  # sure of the target's class
+    options = {"mode": mode, "threshold": 0.0, "temperature": 0.4}
+    assert consistency_loss(matching, target, **options).abs() < 1e-5
+    strong = torch.randn(16, 10, requires_grad=True)
+    loss = consistency_loss(strong, target, **options)
+    assert loss > 0.1
+    loss.backward()
+    assert target.grad is None and strong.grad is not None and strong.grad.abs().sum() > 0
+
+
+# --- Conv-Small ----------------------------------------------------------------------------------------------
+
+
+def test_conv_small_maps_digits_to_ten_logits_and_takes_a_shared_dropout_mask():
+    torch.manual_seed(0)
+    model = build_model(architecture="conv-small").to(memory_format=torch.channels_last).train()
+    assert isinstance(model, ConvSmall)
+    x = torch.rand(5, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    mask = model.dropout_mask(5, x)
+    assert model(x).shape == (5, 10) and mask.shape == (5, 96 * 14 * 14 + 192 * 7 * 7)
+    assert set(mask.unique().tolist()) == {0.0, 2.0}, "p = 0.5, scaled"
+    assert torch.equal(model(x, mask), model(x, mask)), "one mask, one prediction (VAT's shared passes)"
+    assert not torch.equal(model(x), model(x)), "without a mask, each pass draws its own"
+    assert torch.equal(model.dropout_mask(5, x, p=0.0), torch.ones_like(mask))
+    model.eval()
+    assert torch.equal(model(x, mask), model(x)), "no dropout in evaluation"
+    with pytest.raises(ValueError, match="unknown model"):
+        build_model(architecture="resnet")
+
+
+@pytest.mark.parametrize("architecture", [pytest.param("conv-small", marks=pytest.mark.slow), "article"])  # 3 s
+def test_a_model_round_trips_through_model_pt_predict_and_torch_export(architecture, tmp_path):
+    from job.predict import load_model
+
+    torch.manual_seed(0)
+    model = build_model(24, architecture)
+    with torch.no_grad():  # BatchNorm statistics that are not the identity, so evaluation mode shows
+        for name, buffer in model.named_buffers():
+            if name.endswith("running_var"):
+                buffer.uniform_(0.5, 2.0)
+    model.eval()
+    record = model_record(model)
+    assert record["architecture"] == architecture and ("hidden_units" in record) == (architecture == "article")
+    save_checkpoint(tmp_path / "model.pt", {"model": model.state_dict(), "step": -1, **record})  # as train.py does
+    images = torch.randint(0, 256, (7, 28, 28), dtype=torch.uint8)
+    expected = model(images.unsqueeze(1).float() / 255.0)
+    torch.testing.assert_close(load_model(tmp_path / "model.pt")(images), expected)
+    torch.testing.assert_close(exported(model).module()(images), expected, atol=1e-5, rtol=1e-4)
+    assert type(model_from_record({"hidden_units": 24})).__name__ == "ArticleCNN", "a model.pt from before VAT_MODEL"
+
+
+# --- the options in training -----------------------------------------------------------------------------------
+
+
+def test_strong_augmentation_of_the_labelled_batch_changes_its_images_and_keeps_their_labels(mnist_split, monkeypatch):
+    labels_seen = []
+    real = F.cross_entropy
+    monkeypatch.setattr(F, "cross_entropy", lambda logits, labels: labels_seen.append(labels) or real(logits, labels))
+    for augment in ("weak", "strong"):
+        trainer = Trainer(
+            "baseline", small_settings(labeled_augment=augment, translate_px=0, hidden_units=24), mnist_split, CPU
+        )
+        trainer.model.train()
+        inputs: list[torch.Tensor] = []
+        hook = trainer.model.register_forward_pre_hook(lambda module, args, into=inputs: into.append(args[0].clone()))
+        trainer.update(0)
+        hook.remove()
+        original = as_float_batch(mnist_split.train_images[mnist_split.labeled])
+        changed = (inputs[0] - original).abs().sum(dim=(1, 2, 3))
+        assert torch.equal(labels_seen[-1], mnist_split.train_labels[mnist_split.labeled]), "the same labels, in order"
+        if augment == "weak":
+            assert changed.max() == 0, "VAT_TRANSLATE_PX=0: the images as they are"
+        else:
+            assert (changed > 0).all(), "every labelled image transformed"
+
+
+def test_targets_come_from_the_weight_average_in_evaluation_mode(mnist_split, monkeypatch):
+    import job.train as train_module
+
+    calls, vat_targets = [], []
+    real, real_lds = train_module.targets_from_weight_average, train_module.lds_loss
+
+    def spy(average, x):
+        out = real(average, x)
+        calls.append((average, average.training, out.requires_grad, out))
+        return out
+
+    def lds_spy(forward, x, clean_logits, **kwargs):
+        vat_targets.append(clean_logits)
+        return real_lds(forward, x, clean_logits, **kwargs)
+
+    monkeypatch.setattr(train_module, "targets_from_weight_average", spy)
+    monkeypatch.setattr(train_module, "lds_loss", lds_spy)
+    options = dict(consistency_weight=1.0, consistency_threshold=0.0, ema_decay=0.9, hidden_units=24)
+    both = dict(consistency_targets_from="weight_average", vat_targets_from="weight_average")
+    trainer = Trainer("vat", small_settings(**both, **options), mnist_split, CPU)
+    trainer.model.train()
+    losses = trainer.update(0)
+    assert [call[:3] for call in calls] == [(trainer.ema.module, False, False)] and losses[3] > 0
+    assert vat_targets[0] is calls[0][3], "VAT's clean target is the average's prediction"
+    assert trainer.model.training, "the model being trained stays in training mode"
+    calls.clear()
+    Trainer("vat", small_settings(**options), mnist_split, CPU).update(0)
+    assert calls == [], "VAT_*_TARGETS_FROM=model: no pass of the average"
+    with pytest.raises(ConfigError, match="VAT_VAT_TARGETS_FROM=weight_average needs a weight average"):
+        load_settings(env_file=None, vat_targets_from="weight_average", ema_decay=0.0)
+
+
+def test_with_the_options_off_an_update_draws_and_computes_what_it_did_before_them(mnist_split, monkeypatch):
+    """Off (the default), nothing of them runs: the same draws from the generator, the same numbers as before."""
+    import job.train as train_module
+
+    for name in ("strongly_augmented", "consistency_term", "targets_from_weight_average"):
+        monkeypatch.setattr(train_module, name, lambda *a, _name=name, **k: pytest.fail(f"{_name} ran"))
+    for phase in ("baseline", "vat"):
+        trainer = Trainer(phase, small_settings(hidden_units=24), mnist_split, CPU)
+        assert trainer.update(0)[3] == 0
+
+
+def test_consistency_alone_skips_vats_passes(mnist_split, monkeypatch):
+    import job.train as train_module
+
+    monkeypatch.setattr(train_module, "lds_loss", lambda *a, **k: pytest.fail("LDS computed at VAT_VAT_WEIGHT=0"))
+    s = small_settings(vat_weight=0.0, consistency_weight=1.0, consistency_threshold=0.0, hidden_units=24)
+    trainer = Trainer("vat", s, mnist_split, CPU)
+    trainer.model.train()
+    losses = trainer.update(0)
+    assert losses[1] == 0 and losses[3] > 0
+
+
+EVERYTHING_ON = dict(
+    labeled_augment="strong",
+    consistency_weight=1.0,
+    consistency_targets="soft",
+    consistency_threshold=0.0,
+    consistency_targets_from="weight_average",
+    vat_targets_from="weight_average",
+    ema_decay=0.9,
+    entmin_weight=1.0,
+    hidden_units=24,
+)
+
+
+@pytest.mark.slow  # trains four phases: ten seconds and more
+@pytest.mark.parametrize(
+    "phase, options",
+    [("vat", EVERYTHING_ON), ("baseline", {"labeled_augment": "strong", "model": "conv-small", "baseline_steps": 3})],
+)
+def test_resumed_with_every_option_on_equals_uninterrupted(mnist_split, tmp_path, phase, options):
+    s = small_settings(checkpoint_every=100, **options)
+    straight = run_phase(phase, s, mnist_split, tmp_path / "straight")
+    with pytest.raises(Interrupted):
+        run_phase(phase, s, mnist_split, tmp_path / "resumed", stop=stop_after(2))
+    resumed = run_phase(phase, s, mnist_split, tmp_path / "resumed")
+    assert resumed.resumed_from == 2
+    assert_same_weights(weights(straight.model), weights(resumed.model))
+    assert straight.history == resumed.history
+    if phase == "vat":
+        assert all(value > 0 for value in straight.history["consistency"]), "the term was on"
+
+
+def test_the_article_preset_and_the_default_have_every_option_off():
+    for preset in ("article", "default"):
+        s = load_settings(env_file=None, preset=preset)
+        assert (s.model, s.labeled_augment, s.consistency_weight) == ("article", "weak", 0.0), preset
+        assert (s.consistency_targets_from, s.vat_targets_from) == ("model", "model"), preset
+    for name in ("model", "labeled_augment", "consistency_weight", "consistency_targets_from", "vat_targets_from"):
+        assert name in ARTICLE_PRESET, f"the article preset says {name} explicitly"
+    # A record (checkpoint, report) from before the options reads as the default's and the article's values, so
+    # `collect` keeps a nightly configuration one group across the change.
+    for preset in ("article", "default"):
+        s = load_settings(env_file=None, preset=preset)
+        assert {name: getattr(s, name) for name in TrainingOptions.model_fields} == {
+            name: IMPLICIT_BEFORE_ADDED[name] for name in TrainingOptions.model_fields
+        }
+
+
+def test_a_resume_across_a_changed_option_is_refused_and_old_checkpoints_count_as_all_off(mnist_split, tmp_path):
+    quick = dict(train_steps=2, checkpoint_every=1, hidden_units=24, ema_decay=0.0)
+    run_phase("vat", small_settings(**quick), mnist_split, tmp_path)
+    changes = {
+        "consistency_weight": (0.5, "VAT_CONSISTENCY_WEIGHT was 0.0, now 0.5"),
+        "consistency_targets": ("soft", "VAT_CONSISTENCY_TARGETS was 'hard', now 'soft'"),
+        "model": ("conv-small", "VAT_MODEL was 'article', now 'conv-small'"),
+        "labeled_augment": ("strong", "VAT_LABELED_AUGMENT was 'weak', now 'strong'"),
+        "strong_cutout_px": (4, "VAT_STRONG_CUTOUT_PX was 8, now 4"),
+    }
+    for name, (value, message) in changes.items():
+        with pytest.raises(ResumeMismatch, match=message):
+            run_phase("vat", small_settings(**quick, **{name: value}), mnist_split, tmp_path)
+    for path in tmp_path.glob("checkpoint-*.pt"):  # as written before the options existed
+        state = load_checkpoint(path)
+        state["settings"] = {k: v for k, v in state["settings"].items() if k not in TrainingOptions.model_fields}
+        state["history"] = state["history"][:, :3]  # no consistency column yet
+        save_checkpoint(path, state)
+    with pytest.raises(ResumeMismatch, match="VAT_CONSISTENCY_WEIGHT was 0.0, now 0.5"):
+        run_phase("vat", small_settings(**quick, consistency_weight=0.5), mnist_split, tmp_path)
+    resumed = run_phase("vat", small_settings(**quick), mnist_split, tmp_path)
+    assert resumed.resumed_from == 2 and resumed.history["consistency"] == [0.0, 0.0]
