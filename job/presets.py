@@ -64,4 +64,5 @@ IMPLICIT_BEFORE_ADDED: dict[str, Any] = {
         for name in ("hidden_units", "epsilon_scaling", "rotate_deg", "elastic_px", "balance_weight")
         + ("model", "labeled_augment", "consistency_weight", "consistency_targets_from", "vat_targets_from")
     },
+    "eval_images": 0,  # every run before VAT_EVAL_IMAGES was evaluated on all images
 }

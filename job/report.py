@@ -149,6 +149,7 @@ def plot_confusion_matrices(layout: RunLayout, models: dict[str, Any]) -> list[P
 def write_summary(layout: RunLayout, report: dict[str, Any], defaults: dict[str, Any]) -> Path:
     """summary.md: the run for a person: headline numbers, the settings that differ from the defaults, the pictures."""
     models, settings = report["models"], report["settings"]
+    sizes = next(iter(models.values()))  # every model is evaluated on the same images
     lines = [
         f"# vat-job run {report['run_id']}",
         "",
@@ -166,8 +167,8 @@ def write_summary(layout: RunLayout, report: dict[str, Any], defaults: dict[str,
         )
     lines += [
         "",
-        "Validation: the 10,000 images the seeded split holds out of MNIST's training set. MNIST test: the official",
-        "10,000 test images.",
+        f"Validation: {sizes['seeded_test']['n']:,} of the 10,000 images the seeded split holds out of MNIST's",
+        f"training set. MNIST test: {sizes['mnist_test']['n']:,} of the official 10,000 test images.",
         "",
         "## Settings that differ from the defaults",
         "",

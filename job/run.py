@@ -125,9 +125,10 @@ def run_job(settings: Settings, stop: StopFlag, log: Any) -> dict[str, Any]:
             raise
         models = {}
         for phase, result in results.items():
-            log.info("evaluating", phase=phase, images=len(split.seeded_test) + len(split.test_images))
+            per_set = settings.eval_images or len(split.test_images)
+            log.info("evaluating", phase=phase, images=2 * per_set)
             models[phase] = {
-                **evaluate.evaluate(result.model, split, settings.eval_batch_size),
+                **evaluate.evaluate(result.model, split, settings.eval_batch_size, settings.eval_images),
                 "steps": result.steps,
                 "train_seconds": result.train_seconds,
                 "resumed_from_step": result.resumed_from,

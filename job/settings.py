@@ -103,6 +103,7 @@ class Settings(BaseSettings, TrainingOptions):  # TrainingOptions: the options b
     checkpoint_every: int = Field(default=500, ge=1, le=MAX_STEPS)
     keep_checkpoints: int = Field(default=2, ge=1, le=1000)
     eval_batch_size: int = Field(default=250, ge=1, le=70_000)
+    eval_images: int = Field(default=0, ge=0, le=10_000)  # 0: all
 
     # Output.
     log_format: Literal["auto", "json", "console"] = "auto"  # auto: console at a terminal, JSON lines otherwise
@@ -228,6 +229,8 @@ class Settings(BaseSettings, TrainingOptions):  # TrainingOptions: the options b
             raise ValueError(f"VAT_NUM_UNLABELED={self.num_unlabeled} is larger than the unlabelled pool ({pool})")
         if self.promote_to and not self.s3_bucket:
             raise ValueError(f"VAT_PROMOTE_TO={self.promote_to} needs VAT_S3_BUCKET: promotion writes to the bucket")
+        if self.promote_to and self.eval_images:
+            raise ValueError("VAT_PROMOTE_TO needs VAT_EVAL_IMAGES=0: the gate judges all 10,000 validation images")
         unlabeled = self.num_unlabeled or pool
         if self.train_steps and self.unlabeled_batch_size > unlabeled:
             raise ValueError(

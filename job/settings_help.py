@@ -119,6 +119,10 @@ SECTIONS: dict[str, dict[str, str]] = {
             "others in case it is damaged; 1: no fallback); older ones are deleted"
         ),
         "eval_batch_size": "Images per evaluation batch",
+        "eval_images": (
+            "Evaluate on the first N images of each test set (validation and MNIST test) instead of all 10,000; 0: "
+            "all. For quick checks: fewer images, noisier figures (report.json gives n). Not with VAT_PROMOTE_TO"
+        ),
     },
     "beyond VAT: consistency, strong augmentation, another network (docs/method.md)": {
         "model": (

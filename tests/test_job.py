@@ -57,7 +57,7 @@ def test_report_has_the_documented_layout(finished_run):
             result = model[test_set]
             assert 0 <= result["accuracy"] <= 1 and 0 <= result["macro_f1"] <= 1
             matrix = result["confusion_matrix"]
-            assert len(matrix) == 10 and sum(map(sum, matrix)) == 10_000
+            assert len(matrix) == 10 and sum(map(sum, matrix)) == result["n"] == 1000  # VAT_EVAL_IMAGES
             assert "macro avg" in result["classification_report"]
     for path in (
         "baseline/model.pt",
@@ -138,3 +138,17 @@ def test_sigterm_checkpoints_exits_5_and_the_resumed_run_matches_an_uninterrupte
         for test_set in ("seeded_test", "mnist_test"):
             assert a[name][test_set]["confusion_matrix"] == b[name][test_set]["confusion_matrix"]
     assert b["vat"]["resumed_from_step"] == interrupted["step"]
+
+
+def test_eval_images_scores_the_first_n_images_of_each_test_set(mnist_split):
+    from job.evaluate import evaluate
+    from job.model import build_model
+
+    part = evaluate(build_model(100), mnist_split, batch_size=128, max_images=300)
+    expected = {
+        "seeded_test": mnist_split.train_labels[mnist_split.seeded_test[:300]],
+        "mnist_test": mnist_split.test_labels[:300],
+    }
+    for test_set, labels in expected.items():
+        rows = np.array(part[test_set]["confusion_matrix"]).sum(axis=1).tolist()
+        assert part[test_set]["n"] == 300 and rows == np.bincount(labels.numpy(), minlength=10).tolist()

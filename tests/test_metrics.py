@@ -81,6 +81,7 @@ def nights(tmp_path_factory, mnist_dir, pushgateway):
                 S3_BUCKET="vat-results",
                 S3_PREFIX="metrics",
                 PROMOTE_TO="latest",
+                EVAL_IMAGES="0",
                 PUSHGATEWAY_URL=pushgateway,
                 TERMINATION_MESSAGE_PATH=termination,
                 **settings,

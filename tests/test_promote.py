@@ -162,7 +162,7 @@ def test_a_reader_refuses_a_file_that_does_not_match_the_pointer(client, tmp_pat
 
 @pytest.mark.slow
 def test_the_job_promotes_then_a_refused_run_exits_6_and_stays_in_the_bucket(tmp_path, mnist_dir, s3_server):
-    env = s3_job_env(tmp_path, mnist_dir, s3_server, S3_PREFIX="nightly", PROMOTE_TO="latest")
+    env = s3_job_env(tmp_path, mnist_dir, s3_server, S3_PREFIX="nightly", PROMOTE_TO="latest", EVAL_IMAGES="0")
     env.update(VAT_RUN_GROUP="vat-job-nightly", VAT_PROMOTE_MIN_ACCURACY="0.0")
     first = run_job({**env, "VAT_RUN_ID": "n-1"})
     assert first.returncode == 0, first.stdout[-3000:]

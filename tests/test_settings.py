@@ -248,3 +248,11 @@ def test_console_script_passes_exit_codes_and_flushes_its_output(tmp_path):
     )
     assert bad.returncode == 2
     assert json.loads(bad.stdout)["event"] == "config_error"
+
+
+def test_promotion_refuses_a_partial_evaluation(monkeypatch):
+    monkeypatch.setenv("VAT_S3_BUCKET", "b")
+    monkeypatch.setenv("VAT_PROMOTE_TO", "latest")
+    monkeypatch.setenv("VAT_EVAL_IMAGES", "1000")
+    with pytest.raises(ConfigError, match="VAT_PROMOTE_TO needs VAT_EVAL_IMAGES=0"):
+        load_settings(env_file=None)
