@@ -76,6 +76,9 @@ def run_job(settings: Settings, stop: StopFlag, log: Any) -> dict[str, Any]:
         if store:
             log.info("storage_ready", bucket=settings.s3_bucket, prefix=store.run_prefix, fetched_for_resume=fetched)
 
+        def download_event(event: str, **fields: Any) -> None:  # a file arriving is news, a failure a warning
+            (log.info if event == "mnist_file_downloaded" else log.warning)(event, **fields)
+
         try:
             with stop.waiting(0):
                 raw = data.ensure_mnist(
@@ -83,7 +86,7 @@ def run_job(settings: Settings, stop: StopFlag, log: Any) -> dict[str, Any]:
                     settings.mnist_mirrors,
                     retries=settings.download_retries,
                     timeout_s=settings.download_timeout_s,
-                    on_event=log.warning,
+                    on_event=download_event,
                 )
         except data.DataError:
             if fresh:  # nothing of this run exists yet: no folder holding only a lock and a log is left behind

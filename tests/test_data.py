@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from job.data import DataError, ensure_mnist, load_mnist, raw_dir, read_idx, seeded_split
-from tests.support import Mirror, dead_url, job_env, run_job
+from tests.support import Mirror, dead_url, events, job_env, run_job
 
 ARTICLE_CLASS_COUNTS = [11, 10, 10, 10, 9, 8, 10, 11, 10, 11]
 
@@ -163,6 +163,8 @@ def test_job_downloads_real_mnist_from_a_loopback_mirror(tmp_path, mirrors, mnis
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     for name, content in real.items():
         assert (raw_dir(tmp_path / "data") / name).read_bytes() == content
+    levels = {(r["event"], r["level"]) for r in events(result.stdout) if r["event"].startswith("mnist_")}
+    assert levels == {("mnist_download_failed", "warning"), ("mnist_file_downloaded", "info")}  # news is not a warning
 
 
 def test_unreadable_idx_is_a_data_error(tmp_path):
