@@ -57,7 +57,7 @@ USAGE = """usage: vat-job [run]         train the baseline and the VAT model, ev
        vat-job --version
 
 Settings come from VAT_* environment variables and .env (docs/configuration.md lists every one; .env.example is
-a copy to start from). A first run that takes about a minute and a half on a CPU: VAT_PRESET=smoke vat-job
+a copy to start from). A first run that takes about a minute on a CPU: VAT_PRESET=smoke vat-job
 Exit codes: docs/operations.md."""
 
 

@@ -37,8 +37,8 @@ ARTICLE_PRESET: dict[str, Any] = {
     "vat_targets_from": "model",
 }
 
-# The whole pipeline (MNIST, split, both models, evaluation, report, upload) in a minute and a half on a 2-core CPU:
-# a first run that shows the job working and prints a real, if modest, accuracy. Not a result to report.
+# The whole pipeline (MNIST, split, both models, evaluation, report, upload) in about a minute on a 2-core CPU
+# (69 s measured): a first run that shows the job working and prints a real, if modest, accuracy. Not a result.
 # Chosen on the validation set with the machine idle (BENCHMARKS.md section 7): EntMin off, since at 150 updates it
 # sharpens predictions that are still wrong (VAT 0.852 with it, 0.908 without, the baseline 0.907).
 SMOKE_PRESET: dict[str, Any] = {

@@ -150,6 +150,10 @@ def write_summary(layout: RunLayout, report: dict[str, Any], defaults: dict[str,
     """summary.md: the run for a person: headline numbers, the settings that differ from the defaults, the pictures."""
     models, settings = report["models"], report["settings"]
     sizes = next(iter(models.values()))  # every model is evaluated on the same images
+
+    def images(result: dict[str, Any]) -> str:  # "the first 1,000 of" under VAT_EVAL_IMAGES
+        return "all of" if result["n"] == 10_000 else f"the first {result['n']:,} of"
+
     lines = [
         f"# vat-job run {report['run_id']}",
         "",
@@ -167,8 +171,8 @@ def write_summary(layout: RunLayout, report: dict[str, Any], defaults: dict[str,
         )
     lines += [
         "",
-        f"Validation: {sizes['seeded_test']['n']:,} of the 10,000 images the seeded split holds out of MNIST's",
-        f"training set. MNIST test: {sizes['mnist_test']['n']:,} of the official 10,000 test images.",
+        f"Validation: {images(sizes['seeded_test'])} the 10,000 images the seeded split holds out of MNIST's",
+        f"training set. MNIST test: {images(sizes['mnist_test'])} the official 10,000 test images.",
         "",
         "## Settings that differ from the defaults",
         "",

@@ -15,8 +15,8 @@ SECTIONS: dict[str, dict[str, str]] = {
     "preset": {
         "preset": (
             "default: the tuned recipe; article: the seed article's hyperparameters exactly; smoke: the whole "
-            "pipeline in about a minute and a half on a 2-core CPU, to see it work (not a result). Explicit "
-            "values always win over a preset"
+            "pipeline in about a minute on a 2-core CPU, to see it work (not a result). Explicit values always "
+            "win over a preset"
         ),
     },
     "data and output": {
