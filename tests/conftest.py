@@ -66,6 +66,8 @@ def pytest_runtest_logreport(report):
 
 
 def pytest_sessionfinish(session, exitstatus):
+    if hasattr(session.config, "workerinput"):  # a pytest-xdist worker: the controller counts every worker's passes
+        return
     floor = session.config.getoption("--min-passed")
     passed = PASSED["tests"]
     if floor and passed < floor and exitstatus == 0:
@@ -156,8 +158,21 @@ def aws_env(s3_server, monkeypatch):
 
 @pytest.fixture(scope="session")
 def learned_run(tmp_path_factory, mnist_dir) -> Path:
-    """One uninterrupted run with LEARNING_STEPS (the reference of every SIGTERM-and-resume test): its folder."""
-    tmp = tmp_path_factory.mktemp("learned")
-    result = run_job(job_env(tmp, mnist_dir, RUN_ID="learned", **LEARNING_STEPS))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return tmp / "runs" / "learned"
+    """One uninterrupted run with LEARNING_STEPS (the reference of every SIGTERM-and-resume test), evaluated on all
+    test images (the learning and label tests read its report): its folder."""
+    import fcntl
+    import shutil
+
+    # Under pytest-xdist each worker has a session of its own: the run is made once, by the first worker that asks,
+    # in the folder the workers share, while the others wait on the lock. Tests only read it.
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    tmp, report = shared / "learned", shared / "learned" / "runs" / "learned" / "report.json"
+    with open(shared / "learned.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not report.is_file():
+            shutil.rmtree(tmp, ignore_errors=True)
+            result = run_job(job_env(tmp, mnist_dir, RUN_ID="learned", EVAL_IMAGES="0", **LEARNING_STEPS))
+            assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return report.parent

@@ -213,8 +213,20 @@ LEARNING_STEPS = {
     "TRAIN_STEPS": TRAIN_STEPS_PAST_A_SIGNAL,
     "CHECKPOINT_EVERY": "1000",
     "UNLABELED_BATCH_SIZE": "64",
-    "EVAL_IMAGES": "0",
 }
+
+
+def same_models(run_a: Path, run_b: Path) -> bool:
+    """Both runs shipped bit-identical models (every weight and BatchNorm statistic of baseline and VAT)."""
+    import torch
+
+    from job.checkpoint import load_checkpoint
+
+    for phase in ("baseline", "vat"):
+        a, b = (load_checkpoint(run / phase / "model.pt")["model"] for run in (run_a, run_b))
+        if a.keys() != b.keys() or not all(torch.equal(a[name], b[name]) for name in a):
+            return False
+    return True
 
 
 class RunningJob:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.model_selection import train_test_split
 
-from tests.support import DEFAULT_WIDTH, LEARNING_STEPS, events, job_env, run_job, sigterm_during_vat
+from tests.support import DEFAULT_WIDTH, LEARNING_STEPS, events, job_env, run_job, same_models, sigterm_during_vat
 
 pytestmark = pytest.mark.slow  # every test here runs the job end to end
 
@@ -132,11 +132,8 @@ def test_sigterm_checkpoints_exits_5_and_the_resumed_run_matches_an_uninterrupte
     resumed = run_job(env)
     assert resumed.returncode == 0, resumed.stdout[-2000:]
     assert any(r["event"] == "resumed" and r["phase"] == "vat" for r in events(resumed.stdout))
-    a = json.loads((learned_run / "report.json").read_text())["models"]
+    assert same_models(learned_run, tmp_path / "runs/resumed")
     b = json.loads((tmp_path / "runs/resumed/report.json").read_text())["models"]
-    for name in ("baseline", "vat"):
-        for test_set in ("seeded_test", "mnist_test"):
-            assert a[name][test_set]["confusion_matrix"] == b[name][test_set]["confusion_matrix"]
     assert b["vat"]["resumed_from_step"] == interrupted["step"]
 
 

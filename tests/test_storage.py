@@ -17,6 +17,7 @@ from tests.support import (
     objects,
     run_job,
     s3_job_env,
+    same_models,
     sigterm_during_vat,
 )
 
@@ -216,9 +217,7 @@ def test_sigterm_uploads_the_checkpoint_and_a_resume_from_the_bucket_matches(
     assert resumed.returncode == 0, resumed.stdout[-2000:]
     attempts = (tmp_path / "other-node/preempted/log.jsonl").read_text().count('"event": "run_started"')
     assert attempts == 2, "the resumed run's log.jsonl keeps the first attempt's lines"
-    a = json.loads((learned_run / "report.json").read_text())["models"]
-    b = json.loads((tmp_path / "other-node/preempted/report.json").read_text())["models"]
-    assert a["vat"]["mnist_test"]["confusion_matrix"] == b["vat"]["mnist_test"]["confusion_matrix"]
+    assert same_models(learned_run, tmp_path / "other-node/preempted")
 
 
 @pytest.mark.slow
