@@ -206,6 +206,7 @@ def test_strong_augmentation_of_the_labelled_batch_changes_its_images_and_keeps_
             assert (changed > 0).all(), "every labelled image transformed"
 
 
+@pytest.mark.slow
 def test_targets_come_from_the_weight_average_in_evaluation_mode(mnist_split, monkeypatch):
     import job.train as train_module
 

@@ -29,6 +29,7 @@ def idx_images(path):
     return np.frombuffer(data, dtype=np.uint8, offset=16).reshape(count, 28, 28)
 
 
+@pytest.mark.slow  # the job in a subprocess
 def test_the_readme_snippet_loads_the_shipped_model_with_torch_alone(finished, mnist_dir):
     folder, _, _ = finished
     readme = (REPO / "README.md").read_text()
@@ -61,6 +62,7 @@ def test_the_readme_snippet_loads_the_shipped_model_with_torch_alone(finished, m
     assert accuracy == pytest.approx(scored["accuracy"], abs=1e-4)
 
 
+@pytest.mark.slow  # the job in a subprocess
 def test_predict_agrees_with_the_report_on_idx_and_png(finished, mnist_dir, tmp_path):
     from PIL import Image
 
@@ -83,6 +85,7 @@ def test_predict_agrees_with_the_report_on_idx_and_png(finished, mnist_dir, tmp_
     assert bad.returncode == 3 and "not a PNG or an MNIST IDX" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow  # the job in a subprocess
 def test_the_run_folder_has_a_summary_and_files_anyone_may_read(finished):
     folder, result, _ = finished
     report = json.loads((folder / "report.json").read_text())
@@ -97,6 +100,7 @@ def test_the_run_folder_has_a_summary_and_files_anyone_may_read(finished):
     assert "validation acc" in tail[1] and tail[2].startswith("baseline") and tail[-1].startswith("files: ")
 
 
+@pytest.mark.slow  # the job in a subprocess
 def test_progress_lines_lead_with_phase_step_and_percent_and_show_only_trained_terms(mnist_dir, tmp_path):
     env = job_env(tmp_path, mnist_dir, LOG_EVERY_S="0.001", LOG_FORMAT="json")
     result = run_job(env)
@@ -120,6 +124,7 @@ def test_the_cli_says_what_is_wrong_on_stderr(tmp_path):
     assert wrong.returncode == 2 and "unknown command" in wrong.stderr and wrong.stdout == ""
 
 
+@pytest.mark.slow  # the job in a subprocess
 def test_a_closed_pipe_ends_quietly(tmp_path):
     env = job_env(tmp_path, tmp_path)
     done = subprocess.run(
@@ -134,6 +139,7 @@ def test_a_closed_pipe_ends_quietly(tmp_path):
     assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr
 
 
+@pytest.mark.slow  # the job in a subprocess
 def test_a_data_error_leaves_no_run_folder(tmp_path):
     env = job_env(
         tmp_path, tmp_path / "empty", RUN_ID="nodata", MNIST_MIRRORS="http://127.0.0.1:9/", DOWNLOAD_RETRIES="1"

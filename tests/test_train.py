@@ -87,6 +87,7 @@ def test_the_run_folder_keeps_the_newest_checkpoints_and_a_resume_uses_them(mnis
     assert sorted(path.name for path in tmp_path.glob("checkpoint-*.pt")) == ["checkpoint-0000006.pt"]
 
 
+@pytest.mark.slow
 def test_checkpoints_a_resume_skipped_as_damaged_never_push_out_the_one_just_written(mnist_split, tmp_path):
     s = small_settings(baseline_steps=6)  # VAT_KEEP_CHECKPOINTS=2
     with pytest.raises(Interrupted):
