@@ -28,6 +28,21 @@ class ResumeMismatch(Exception):
 
 
 # Settings that change what a phase computes: a run resumed with other values would mix two experiments.
+# The network, the labelled batch's augmentation and the strong transform: both phases train with them.
+_NETWORK_AND_AUGMENTATION = (
+    "translate_px",
+    "rotate_deg",
+    "elastic_px",
+    "hidden_units",
+    "model",
+    "labeled_augment",
+    "strong_translate_px",
+    "strong_rotate_deg",
+    "strong_shear_deg",
+    "strong_scale",
+    "strong_elastic_px",
+    "strong_cutout_px",
+)
 TRAINING_FIELDS = {
     "baseline": (
         "seed",
@@ -38,18 +53,7 @@ TRAINING_FIELDS = {
         "labeled_batch_size",
         "lr",
         "lr_decay",
-        "translate_px",
-        "rotate_deg",
-        "elastic_px",
-        "hidden_units",
-        "model",
-        "labeled_augment",
-        "strong_translate_px",
-        "strong_rotate_deg",
-        "strong_shear_deg",
-        "strong_scale",
-        "strong_elastic_px",
-        "strong_cutout_px",
+        *_NETWORK_AND_AUGMENTATION,
     ),
     "vat": (
         "seed",
@@ -74,24 +78,13 @@ TRAINING_FIELDS = {
         "dropout_masks",
         "bn_reestimate",
         "ema_decay",
-        "translate_px",
-        "rotate_deg",
-        "elastic_px",
-        "hidden_units",
-        "model",
-        "labeled_augment",
         "consistency_weight",
         "consistency_targets",
         "consistency_threshold",
         "consistency_temperature",
         "consistency_targets_from",
         "vat_targets_from",
-        "strong_translate_px",
-        "strong_rotate_deg",
-        "strong_shear_deg",
-        "strong_scale",
-        "strong_elastic_px",
-        "strong_cutout_px",
+        *_NETWORK_AND_AUGMENTATION,
     ),
 }
 
