@@ -96,8 +96,6 @@ class Trainer:
         """The model that is evaluated and saved as model.pt: the weight average when there is one."""
         return self.ema.module if self.ema is not None else self.model
 
-    # --- the two updates -------------------------------------------------------------------------
-
     def _labeled_loss(self) -> torch.Tensor:
         if self.s.labeled_augment == "strong":  # instead of the weak transform, not on top of it
             _, idx = training_batch(self.data.train_images, self.data.labeled, self.s.labeled_batch_size)
@@ -150,12 +148,13 @@ class Trainer:
                 lds = lds_loss(
                     forward,
                     xu,
-                    targets[s.vat_targets_from],
+                    clean_logits,
                     epsilon=s.epsilon,
                     epsilon_scaling=s.epsilon_scaling,
                     xi=s.xi,
                     power_iterations=s.power_iterations,
                     power_forward=power_forward,
+                    target_logits=targets[s.vat_targets_from],
                 )
             self._backward(s.vat_weight * lds)
         if s.consistency_weight:

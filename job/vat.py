@@ -66,6 +66,7 @@ def lds_loss(
     power_iterations: int,
     power_forward: Forward | None = None,
     epsilon_scaling: str = "fixed",
+    target_logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The VAT regulariser for the unlabelled batch `x`.
 
@@ -74,6 +75,9 @@ def lds_loss(
     (the caller runs it in float32 when the rest is in mixed precision). With `epsilon_scaling="input_norm"`
     each example's radius is `epsilon` times its L2 norm over the batch's mean norm (same mean radius; a thin
     digit, a 1 with about 0.77 of the mean norm, is not pushed as far as a bold 0); "fixed": `epsilon` for all.
+    `target_logits` (default: `clean_logits`) is what the perturbed prediction is pulled towards, e.g. a mean
+    teacher's; the direction is always found against the model's own clean prediction, since the power
+    iteration needs a divergence that is zero at r = 0 (against another target its gradient there swamps Hd).
     """
     clean_logits = clean_logits.detach()
     direction = adversarial_direction(power_forward or forward, x, clean_logits, xi, power_iterations)
@@ -81,4 +85,5 @@ def lds_loss(
     if epsilon_scaling == "input_norm":
         norms = x.flatten(1).norm(dim=1).view(-1, *([1] * (x.dim() - 1)))
         radius = epsilon * norms / norms.mean().clamp_min(1e-12)
-    return kl_with_logits(clean_logits, forward(x + radius * direction))
+    target = clean_logits if target_logits is None else target_logits.detach()
+    return kl_with_logits(target, forward(x + radius * direction))

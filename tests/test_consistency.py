@@ -219,7 +219,7 @@ def test_targets_come_from_the_weight_average_in_evaluation_mode(mnist_split, mo
         return out
 
     def lds_spy(forward, x, clean_logits, **kwargs):
-        vat_targets.append(clean_logits)
+        vat_targets.append((clean_logits, kwargs["target_logits"]))
         return real_lds(forward, x, clean_logits, **kwargs)
 
     monkeypatch.setattr(train_module, "targets_from_weight_average", spy)
@@ -230,7 +230,9 @@ def test_targets_come_from_the_weight_average_in_evaluation_mode(mnist_split, mo
     trainer.model.train()
     losses = trainer.update(0)
     assert [call[:3] for call in calls] == [(trainer.ema.module, False, False)] and losses[3] > 0
-    assert vat_targets[0] is calls[0][3], "VAT's clean target is the average's prediction"
+    direction_from, pulled_towards = vat_targets[0]
+    assert pulled_towards is calls[0][3], "VAT pulls the perturbed prediction towards the average's"
+    assert direction_from is not calls[0][3] and direction_from.requires_grad, "its direction: the model's own"
     assert trainer.model.training, "the model being trained stays in training mode"
     calls.clear()
     Trainer("vat", small_settings(**options), mnist_split, CPU).update(0)

@@ -166,3 +166,23 @@ def test_perturbation_radius_is_epsilon_or_proportional_to_each_images_norm(scal
     norms = x.flatten(1).norm(dim=1)
     expected = torch.full_like(norms, 3.0) if scaling == "fixed" else 3.0 * norms / norms.mean()
     torch.testing.assert_close(radius, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_teachers_target_changes_what_the_lds_pulls_towards_not_the_adversarial_direction():
+    """The power iteration needs a divergence that is zero at r = 0: against another model's target its gradient
+    there would swamp the curvature term, and the direction would be that gradient's, whatever d started as."""
+    from job.vat import adversarial_direction, kl_with_logits, lds_loss
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 8), torch.nn.Tanh(), torch.nn.Linear(8, 5))
+    x = torch.randn(6, 1, 4, 4)
+    clean, teacher = net(x), torch.randn(6, 5)
+    state = torch.get_rng_state()
+    own = lds_loss(net, x, clean, epsilon=0.5, xi=1e-3, power_iterations=1)
+    torch.set_rng_state(state)
+    taught = lds_loss(net, x, clean, epsilon=0.5, xi=1e-3, power_iterations=1, target_logits=teacher)
+    torch.set_rng_state(state)
+    direction = adversarial_direction(net, x, clean.detach(), 1e-3, 1)
+    with torch.no_grad():
+        assert torch.allclose(taught, kl_with_logits(teacher, net(x + 0.5 * direction)))
+        assert torch.allclose(own, kl_with_logits(clean, net(x + 0.5 * direction)))
