@@ -140,9 +140,6 @@ def test_the_loss_is_zero_when_the_strong_view_predicts_the_target_and_no_gradie
     assert target.grad is None and strong.grad is not None and strong.grad.abs().sum() > 0
 
 
-# --- Conv-Small ----------------------------------------------------------------------------------------------
-
-
 def test_the_soft_loss_is_kl_from_the_sharpened_target_to_the_strong_prediction_and_hard_is_cross_entropy():
     """UDA's direction, KL(target || strong), checked against torch's kl_div; FixMatch's against cross_entropy."""
     torch.manual_seed(3)
@@ -153,6 +150,9 @@ def test_the_soft_loss_is_kl_from_the_sharpened_target_to_the_strong_prediction_
     assert soft > 0.1 and torch.allclose(soft, expected)
     hard = consistency_loss(strong, target, mode="hard", threshold=0.0, temperature=0.4)
     assert torch.allclose(hard, F.cross_entropy(strong, target.argmax(1)))
+
+
+# --- Conv-Small ----------------------------------------------------------------------------------------------
 
 
 def test_conv_small_maps_digits_to_ten_logits_and_takes_a_shared_dropout_mask():
