@@ -45,11 +45,13 @@ def metrics(labels: np.ndarray, predictions: np.ndarray) -> dict[str, Any]:
 def evaluate(model: nn.Module, data: MnistSplit, batch_size: int, max_images: int = 0) -> dict[str, dict[str, Any]]:
     """Metrics on the seeded test set (10,000 held-out training images) and the official MNIST test set; with
     `max_images`, on the first that many images of each (VAT_EVAL_IMAGES: quick checks, noisier figures)."""
-    seeded = data.seeded_test[: max_images or None]
-    test_images, test_labels = data.test_images[: max_images or None], data.test_labels[: max_images or None]
+    first = slice(max_images or None)
+    seeded = data.seeded_test[first]
     return {
         "seeded_test": metrics(
             data.train_labels[seeded].cpu().numpy(), predict(model, data.train_images[seeded], batch_size)
         ),
-        "mnist_test": metrics(test_labels.cpu().numpy(), predict(model, test_images, batch_size)),
+        "mnist_test": metrics(
+            data.test_labels[first].cpu().numpy(), predict(model, data.test_images[first], batch_size)
+        ),
     }
