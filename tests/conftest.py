@@ -1,6 +1,7 @@
 """Fixtures, and the rules of a test run: under CI=true a skipped test fails, and `--min-passed N` fails a run
 that passed fewer tests than N. Helpers live in tests/support.py."""
 
+import json
 import os
 from pathlib import Path
 
@@ -120,17 +121,22 @@ def _registered_secrets_stay_in_their_test():
 @pytest.fixture(scope="session")
 def mnist_dir() -> Path:
     """Real MNIST: ../shared/mnist (or TEST_MNIST_DIR), else downloaded the way the job does it (its downloader,
-    its mirrors) into TEST_MNIST_CACHE (~/.cache/vat-job-tests/mnist). Neither: skipped, and failed under CI."""
+    its mirrors, or TEST_MNIST_MIRRORS, a JSON list of URLs) into TEST_MNIST_CACHE (~/.cache/vat-job-tests/mnist).
+    Neither: skipped, and failed under CI."""
     if (SHARED_MNIST / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
         return SHARED_MNIST
     from job.data import DataError, ensure_mnist
     from job.settings import Settings
 
-    mirrors = Settings.model_fields["mnist_mirrors"].default
+    # The tests' own variable: every VAT_* variable is cleared for the tests (_clean_vat_environment).
+    mirrors = json.loads(os.environ.get("TEST_MNIST_MIRRORS", "null")) or Settings.model_fields["mnist_mirrors"].default
     try:
         ensure_mnist(MNIST_CACHE, mirrors, retries=2, timeout_s=30, backoff_s=1)
     except DataError as error:
-        unavailable(f"real MNIST is not under {SHARED_MNIST} (TEST_MNIST_DIR) and could not be downloaded: {error}")
+        unavailable(
+            f"real MNIST is not under {SHARED_MNIST} (TEST_MNIST_DIR) and could not be downloaded from "
+            f"{', '.join(mirrors)} (TEST_MNIST_MIRRORS): {error}"
+        )
     return MNIST_CACHE
 
 
