@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from job import data, evaluate, logs, storage, train
+from job import data, evaluate, logs, report, storage, train
 from job.checkpoint import CHECKPOINT_PATTERN, checkpoint_step, list_checkpoints, prune_checkpoints, superseded
 from job.device import configure_backend, resolve_device
 from job.layout import EXPORTED_MODEL, FINAL_MODEL, LOG, PHASES, RunLayout, atomic_write_bytes, write_json
@@ -152,13 +152,13 @@ def run_job(settings: Settings, stop: StopFlag, log: Any) -> dict[str, Any]:
             warnings.filterwarnings("ignore", message="No complete tensor found in the group")
             atomic_write_bytes(layout.phase("vat") / EXPORTED_MODEL, lambda handle: torch.export.save(program, handle))
 
-        from job import report  # matplotlib is loaded only now: it need not sit in memory during training
-
         if settings.plots:
+            from job import plots  # matplotlib only now, and only for plots: it need not sit in memory while training
+
             labeled = split.labeled.cpu()
-            report.plot_labeled_images(layout, split.train_images.cpu()[labeled], split.train_labels.cpu()[labeled])
-            report.plot_losses(layout, {name: r.history for name, r in results.items()})
-            report.plot_confusion_matrices(layout, models)
+            plots.plot_labeled_images(layout, split.train_images.cpu()[labeled], split.train_labels.cpu()[labeled])
+            plots.plot_losses(layout, {name: r.history for name, r in results.items()})
+            plots.plot_confusion_matrices(layout, models)
         timings = {
             "startup": startup_seconds,
             "data": round(data_seconds, 3),

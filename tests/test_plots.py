@@ -1,6 +1,6 @@
 import numpy as np
 
-from job import report
+from job import plots
 from job.layout import RunLayout
 
 TEST_SETS = ("seeded_test", "mnist_test")
@@ -14,8 +14,8 @@ def fake_models(matrix: np.ndarray) -> dict:
 def test_confusion_matrices_show_every_count_legibly_inside_its_cell():
     # The widest counts a run can meet: four digits on the diagonal (1,135 ones in MNIST's test set).
     matrix = np.eye(10, dtype=int) * 1135 + np.arange(100).reshape(10, 10)
-    fig = report.confusion_figure(fake_models(matrix), "mnist_test")
-    fig.set_dpi(report.DPI)  # the resolution it is saved at
+    fig = plots.confusion_figure(fake_models(matrix), "mnist_test")
+    fig.set_dpi(plots.DPI)  # the resolution it is saved at
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     for ax in fig.axes:
@@ -27,6 +27,6 @@ def test_confusion_matrices_show_every_count_legibly_inside_its_cell():
 
 
 def test_plots_are_written_for_both_test_sets(tmp_path):
-    paths = report.plot_confusion_matrices(RunLayout(tmp_path), fake_models(np.eye(10, dtype=int) * 100))
+    paths = plots.plot_confusion_matrices(RunLayout(tmp_path), fake_models(np.eye(10, dtype=int) * 100))
     assert [p.name for p in paths] == ["confusion_seeded_test.png", "confusion_mnist_test.png"]
     assert all(p.read_bytes().startswith(b"\x89PNG") for p in paths)
