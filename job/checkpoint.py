@@ -15,6 +15,7 @@ import torch
 
 from job.layout import atomic_write_bytes
 from job.presets import IMPLICIT_BEFORE_ADDED
+from job.training_options import as_used
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)\.pt$")
 
@@ -90,8 +91,9 @@ TRAINING_FIELDS = {
 
 
 def training_settings(phase: str, settings: Any) -> dict[str, Any]:
-    """What a checkpoint of `phase` records of the settings, to refuse a resume that would mix experiments."""
-    return {k: getattr(settings, k) for k in TRAINING_FIELDS[phase]}
+    """What a checkpoint of `phase` records of the settings, to refuse a resume that would mix experiments (an
+    option that is not used at its default: `as_used`)."""
+    return as_used({k: getattr(settings, k) for k in TRAINING_FIELDS[phase]})
 
 
 def check_resumable(phase: str, saved: dict[str, Any], settings: Any) -> None:
@@ -102,8 +104,9 @@ def check_resumable(phase: str, saved: dict[str, Any], settings: Any) -> None:
             f"{phase} checkpoints of this run record settings this version does not know ({', '.join(unknown)}): "
             "they were made by another version of vat-job; use a new VAT_RUN_ID or that version"
         )
-    recorded = {**{k: v for k, v in IMPLICIT_BEFORE_ADDED.items() if k in TRAINING_FIELDS[phase]}, **saved}
-    mismatched = {k: (v, getattr(settings, k)) for k, v in recorded.items() if getattr(settings, k) != v}
+    recorded = as_used({**{k: v for k, v in IMPLICIT_BEFORE_ADDED.items() if k in TRAINING_FIELDS[phase]}, **saved})
+    current = training_settings(phase, settings)
+    mismatched = {k: (v, current[k]) for k, v in recorded.items() if current[k] != v}
     if mismatched:
         what = ", ".join(f"VAT_{k.upper()} was {old!r}, now {new!r}" for k, (old, new) in mismatched.items())
         raise ResumeMismatch(

@@ -30,6 +30,7 @@ from job.presets import IMPLICIT_BEFORE_ADDED
 from job.runid import RUN_ID_PATTERN
 from job.settings import ConfigError, load_settings
 from job.storage import RunStore, StorageError, client_from_settings, list_run_ids, runs_root
+from job.training_options import as_used
 from job.untrusted import Manifest, Report, Untrusted, mask
 from job.verify import download_run, fetch_document_or_problem, manifest_problems
 
@@ -97,8 +98,9 @@ def only_group(rows: list[dict[str, Any]], group: str) -> list[dict[str, Any]]:
 
 
 def configuration(row: dict[str, Any]) -> dict[str, Any]:
-    """The settings that make a run the experiment it is (all but seeds, names and output-only settings)."""
-    return {k: v for k, v in row.get("settings", {}).items() if k not in NOT_CONFIGURATION}
+    """The settings that make a run the experiment it is (all but seeds, names and output-only settings; options
+    that were not used at their defaults)."""
+    return as_used({k: v for k, v in row.get("settings", {}).items() if k not in NOT_CONFIGURATION})
 
 
 def group_by_configuration(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import gzip
-import math
 import os
 import shutil
 import tempfile
@@ -19,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
-from torch.nn import functional as F
 
 from job.layout import UMASK, sha256_of
 from job.untrusted import without_userinfo
@@ -230,89 +228,3 @@ def as_float_batch(images_uint8: torch.Tensor, channels_last: bool = False) -> t
     """uint8 [N, 28, 28] -> float [N, 1, 28, 28] in [0, 1], as torchvision's ToTensor gives."""
     batch = images_uint8.unsqueeze(1).float().div_(255.0)
     return batch.contiguous(memory_format=torch.channels_last) if channels_last else batch
-
-
-def training_batch(
-    images_uint8: torch.Tensor,
-    indices: torch.Tensor,
-    batch_size: int,
-    shift_px: int = 0,
-    rotate_deg: float = 0.0,
-    elastic_px: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A uniform batch of `indices` without replacement (all of them, in order, when the batch is that large), as
-    channels-last floats, each image randomly shifted by up to `shift_px` pixels, then turned by up to `rotate_deg`
-    degrees and elastically distorted by `elastic_px` pixels (`randomly_deformed`); returns (images, indices)."""
-    if batch_size < len(indices):
-        indices = indices[torch.rand(len(indices), device=indices.device).topk(batch_size, sorted=False).indices]
-    batch = as_float_batch(randomly_shifted(images_uint8[indices], shift_px), channels_last=True)
-    return randomly_deformed(batch, rotate_deg, elastic_px), indices
-
-
-def randomly_shifted(images_uint8: torch.Tensor, max_px: int) -> torch.Tensor:
-    """Each image moved by its own random whole-pixel shift in [-max_px, max_px] along each axis (zeros fill in).
-
-    Beyond the article (VAT_TRANSLATE_PX). Drawn on the images' device from its default generator, without a
-    host round trip, so it works inside a CUDA graph and a resumed run draws the same shifts.
-    """
-    if max_px == 0:
-        return images_uint8
-    n, height, width = images_uint8.shape
-    padded = F.pad(images_uint8, (max_px, max_px, max_px, max_px))
-    offsets = torch.randint(0, 2 * max_px + 1, (2, n, 1), device=images_uint8.device)
-    rows = offsets[0] + torch.arange(height, device=images_uint8.device)
-    cols = offsets[1] + torch.arange(width, device=images_uint8.device)
-    batch = torch.arange(n, device=images_uint8.device)[:, None, None]
-    return padded[batch, rows[:, :, None], cols[:, None, :]]
-
-
-ELASTIC_SMOOTHING_PX = 4.0  # Simard et al. (2003): the displacement field is white noise blurred with this sigma
-
-
-def randomly_deformed(batch: torch.Tensor, max_deg: float, elastic_px: float) -> torch.Tensor:
-    """Each image of a float batch [N, 1, S, S] turned about its centre by its own random angle in [-max_deg, max_deg]
-    degrees (VAT_ROTATE_DEG), and displaced along a smooth random field whose two components have a standard
-    deviation of `elastic_px` pixels at every pixel (Simard et al.'s elastic distortion, VAT_ELASTIC_PX: strokes
-    bend, loops open or close, as another hand would write them). Beyond the article; drawn on the device like the
-    shifts; with both at 0 the batch is returned as it is and nothing is drawn."""
-    if max_deg == 0 and elastic_px == 0:
-        return batch
-    n, size = len(batch), batch.shape[-1]
-    angles = torch.zeros(n, device=batch.device)
-    if max_deg:
-        angles = (torch.rand(n, device=batch.device) * 2 - 1) * math.radians(max_deg)
-    displacement = None
-    if elastic_px:
-        displacement = smooth_noise(n, size, ELASTIC_SMOOTHING_PX, batch.device) * (elastic_px * 2 / size)
-    return warped(batch, angles, displacement)
-
-
-def smooth_noise(n: int, size: int, sigma_px: float, device: torch.device) -> torch.Tensor:
-    """[n, size, size, 2] Gaussian white noise blurred by a Gaussian of `sigma_px`, rescaled to unit variance."""
-    radius = math.ceil(3 * sigma_px)
-    taps = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32)
-    kernel = torch.exp(-0.5 * (taps / sigma_px) ** 2)
-    kernel = kernel / kernel.norm()  # unit L2 norm along each axis: blurred unit-variance noise keeps variance 1
-    noise = torch.randn(2 * n, 1, size + 2 * radius, size + 2 * radius, device=device)
-    blurred = F.conv2d(F.conv2d(noise, kernel.view(1, 1, -1, 1)), kernel.view(1, 1, 1, -1))
-    return blurred.view(n, 2, size, size).permute(0, 2, 3, 1)
-
-
-def warped(batch: torch.Tensor, angles: torch.Tensor, displacement: torch.Tensor | None = None) -> torch.Tensor:
-    """Image i of a float batch of square images [N, 1, S, S] turned by angles[i] radians about its centre, then
-    displaced by `displacement` ([N, S, S, 2], in grid_sample's [-1, 1] units); bilinear, zeros fill in,
-    channels-last. The sampling grid is built elementwise, not by affine_grid's matmul, which TF32 would round on
-    a GPU (angle 0 would not be the identity there)."""
-    n, _, size, width = batch.shape
-    if size != width:
-        raise ValueError(f"warped() needs square images, got {size}x{width}")
-    # Pixel centres in [-1, 1] (align_corners=False); the output pixel (x, y) samples the input at R(angle) (x, y).
-    coords = (torch.arange(size, device=batch.device, dtype=batch.dtype) * 2 + 1) / size - 1
-    x, y = coords.view(1, 1, size), coords.view(1, size, 1)
-    angles = angles.to(batch.dtype).view(n, 1, 1)
-    cos, sin = angles.cos(), angles.sin()
-    grid = torch.stack([cos * x - sin * y, sin * x + cos * y], dim=3)
-    if displacement is not None:
-        grid = grid + displacement.to(batch.dtype)
-    sampled = F.grid_sample(batch, grid, align_corners=False)
-    return sampled.contiguous(memory_format=torch.channels_last)

@@ -8,8 +8,8 @@ every checkpoint keeps, so a resumed run continues exactly where it stopped.
 VAT's noise, decided and measured (BENCHMARKS.md):
 - BatchNorm: the perturbed passes normalise with their own batch statistics but, with
   `perturbed_bn="frozen"`, leave the running statistics alone (the article lets them update them).
-- Dropout: with `dropout_masks="shared"` the clean and perturbed passes use one mask, so the power
-  iteration measures the effect of the perturbation, not of a different mask (the article draws anew).
+- Dropout: with `dropout_masks="shared"` the clean and perturbed passes use one mask, so the power iteration measures
+  the effect of the perturbation, not of a different mask (the article draws anew).
 - Dropout, `dropout_masks="none"`: the unlabelled passes run without dropout (the labelled pass keeps it).
 Device, precision (the power iteration stays float32), CUDA graphs and the CPU allocator: `device.py`.
 """
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from job.augment import StrongAugmentation, strongly_augmented
+from job.augment import StrongAugmentation, drawn, strongly_augmented, training_batch
 from job.checkpoint import (
     checkpoint_name,
     latest_intact_checkpoint,
@@ -35,11 +35,12 @@ from job.checkpoint import (
     training_settings,
 )
 from job.consistency import consistency_term, targets_from_weight_average
-from job.data import MnistSplit, as_float_batch, training_batch
+from job.data import MnistSplit, as_float_batch
 from job.device import GraphedUpdate, autocast, full_precision, host_memory_reused
 from job.model import DROPOUT_P, build_model, model_record, running_stats_frozen, weight_average
 from job.schedules import entmin_weight_at, lr_at
 from job.stop import Interrupted, StopFlag
+from job.training_options import takes_weight_average_targets
 from job.vat import entropy_with_logits, lds_loss, marginal_entropy_with_logits
 
 LOSS_NAMES = ("cross_entropy", "lds", "entropy", "consistency")
@@ -86,6 +87,7 @@ class Trainer:
         self.graphed = GraphedUpdate() if use_graphs else None
         self.ema = weight_average(self.model, settings.ema_decay) if phase == "vat" and settings.ema_decay else None
         self.strong = StrongAugmentation.from_settings(settings)
+        self.teacher_needed = self.ema is not None and takes_weight_average_targets(settings)
 
     def batch(self, indices: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.s
@@ -98,7 +100,7 @@ class Trainer:
 
     def _labeled_loss(self) -> torch.Tensor:
         if self.s.labeled_augment == "strong":  # instead of the weak transform, not on top of it
-            _, idx = training_batch(self.data.train_images, self.data.labeled, self.s.labeled_batch_size)
+            idx = drawn(self.data.labeled, self.s.labeled_batch_size)
             x = strongly_augmented(self.data.train_images[idx], self.strong)
         else:
             x, idx = self.batch(self.data.labeled, self.s.labeled_batch_size)
@@ -139,7 +141,7 @@ class Trainer:
             balance = s.balance_weight * marginal_entropy_with_logits(clean_logits) if s.balance_weight else 0.0
             self._backward(self.entmin_scale * entropy - balance)
         targets = {"model": clean_logits, "weight_average": None}  # EntMin's term above stays the model's own
-        if self.ema is not None and "weight_average" in (s.vat_targets_from, s.consistency_targets_from):
+        if self.teacher_needed:
             with full_precision(self.device):
                 targets["weight_average"] = targets_from_weight_average(self.ema.module, xu)
         lds = consistency = torch.zeros((), device=self.device)  # what a term that is off adds
@@ -292,14 +294,13 @@ def _train_phase(
         save_final_model(trainer.shipped_model, folder / "model.pt", hooks)
     trainer.model.eval()
     trainer.shipped_model.eval()
-    hist = history.cpu()
     return PhaseResult(
         name=phase,
         model=trainer.shipped_model,
         last_weights=trainer.model,
         steps=total,
         train_seconds=round(seconds, 3),
-        history={name: hist[:, i].tolist() for i, name in enumerate(LOSS_NAMES)},
+        history={name: column.tolist() for name, column in zip(LOSS_NAMES, history.cpu().T, strict=True)},
         resumed_from=resumed_from,
     )
 

@@ -7,7 +7,8 @@ stays one screenful of concerns; job/settings_help.py documents them with the ot
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
@@ -35,3 +36,37 @@ class TrainingOptions(BaseModel):
             if getattr(self, name) == "weight_average" and ema_decay == 0:
                 raise ValueError(f"VAT_{name.upper()}=weight_average needs a weight average: set VAT_EMA_DECAY > 0")
         return self
+
+
+# Options that change nothing while another option has this value: a run that sets them is the same experiment as
+# one that leaves them at their defaults, so checkpoints record and `collect` groups them at their defaults (a resume
+# is not refused, a group not split, for a value that is not used). The report keeps the values as they were set.
+_CONSISTENCY_DETAILS = ("consistency_targets", "consistency_threshold", "consistency_temperature")
+_STRONG_TRANSFORM = tuple(name for name in TrainingOptions.model_fields if name.startswith("strong_"))
+
+
+def unused_options(values: Mapping[str, Any]) -> set[str]:
+    """The options among `values` (a settings dict, or the part of one a checkpoint records) that are not used."""
+    unused = set()
+    consistency_off = values.get("consistency_weight", 0) == 0
+    if consistency_off:
+        unused.update((*_CONSISTENCY_DETAILS, "consistency_targets_from"))
+    elif values.get("consistency_targets") == "hard":
+        unused.add("consistency_temperature")  # a hard target is the class, not a sharpened distribution
+    if values.get("vat_weight", 1) == 0:
+        unused.add("vat_targets_from")
+    if consistency_off and values.get("labeled_augment", "weak") == "weak":
+        unused.update(_STRONG_TRANSFORM)  # nothing is strongly augmented
+    return unused & set(values)
+
+
+def as_used(values: Mapping[str, Any]) -> dict[str, Any]:
+    """`values` with the unused options at their defaults."""
+    unused = unused_options(values)
+    return {k: TrainingOptions.model_fields[k].default if k in unused else v for k, v in values.items()}
+
+
+def takes_weight_average_targets(settings: Any) -> bool:
+    """Whether a term that is on takes its target from the weight average (else no update computes that target)."""
+    names = ("vat_weight", "consistency_weight", "vat_targets_from", "consistency_targets_from")
+    return "weight_average" in as_used({name: getattr(settings, name) for name in names}).values()

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from job.augment import StrongAugmentation, cut_out, strongly_augmented
+from job.augment import StrongAugmentation, cut_out, strongly_augmented, warped
 from job.checkpoint import ResumeMismatch, load_checkpoint, save_checkpoint
 from job.consistency import confident, consistency_loss, sharpened
-from job.data import as_float_batch, warped
+from job.data import as_float_batch
 from job.model import ConvSmall, build_model, exported, model_from_record, model_record
 from job.presets import ARTICLE_PRESET, IMPLICIT_BEFORE_ADDED
 from job.settings import ConfigError, Settings, load_settings
@@ -71,6 +71,33 @@ def test_the_affine_part_is_the_rotation_it_draws_when_only_rotation_is_on(mnist
     angles = (torch.rand(3, len(images)) * 2 - 1)[0] * math.radians(30.0)
     torch.testing.assert_close(turned, warped(as_float_batch(images), angles), atol=1e-5, rtol=0)
     assert angles.abs().max() > math.radians(10), "a range of angles, not all near 0"
+
+
+def test_shear_and_scale_resample_as_torchs_affine_grid_within_their_limits(mnist_split):
+    """Shear and scale only: each image's matrix is [[1, tan(shear)], [0, 1]] / size with |shear| <= shear_deg and
+    |size - 1| <= scale, drawn over the whole range, and the image is what torch's affine_grid and grid_sample make
+    of that matrix (an independent construction of the same resampling)."""
+    from job.augment import random_affine
+
+    images = digits(mnist_split, 64)
+    strength = StrongAugmentation(0, 0, shear_deg=15.0, scale=0.2, elastic_px=0, cutout_px=0)
+    torch.manual_seed(5)
+    augmented = strongly_augmented(images, strength)
+    torch.manual_seed(5)
+    matrices = random_affine(len(images), strength, CPU)
+    size = 1 / matrices[:, 1, 1]
+    shear_deg = torch.rad2deg(torch.atan(matrices[:, 0, 1] * size))
+    assert torch.allclose(matrices[:, 1, 0], torch.zeros(len(images)))
+    torch.testing.assert_close(matrices[:, 0, 0], matrices[:, 1, 1])
+    assert (size - 1).abs().max() <= 0.2 + 1e-6 and (size - 1).abs().max() > 0.15
+    assert shear_deg.abs().max() <= 15.0 + 1e-4 and shear_deg.abs().max() > 11.0
+    theta = torch.cat([matrices, torch.zeros(len(images), 2, 1)], dim=2)
+    batch = as_float_batch(images)
+    grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
+    torch.testing.assert_close(augmented, F.grid_sample(batch, grid, align_corners=False), atol=1e-5, rtol=0)
+    enlarged = size > 1.1  # drawn bigger than it is: more ink, and the other way round
+    ink = augmented.sum(dim=(1, 2, 3)) / batch.sum(dim=(1, 2, 3))
+    assert (ink[enlarged] > 1.1).all() and (ink[size < 0.9] < 0.9).all()
 
 
 def test_cutout_blanks_one_square_of_at_most_the_side_per_image_and_touches_nothing_else():
@@ -249,6 +276,9 @@ def test_targets_come_from_the_weight_average_in_evaluation_mode(mnist_split, mo
     calls.clear()
     Trainer("vat", small_settings(**options), mnist_split, CPU).update(0)
     assert calls == [], "VAT_*_TARGETS_FROM=model: no pass of the average"
+    off = dict(options, consistency_weight=0.0, vat_weight=0.0, entmin_weight=1.0)
+    Trainer("vat", small_settings(**both, **off), mnist_split, CPU).update(0)
+    assert calls == [], "the average's targets are not computed for terms that are off"
     with pytest.raises(ConfigError, match="VAT_VAT_TARGETS_FROM=weight_average needs a weight average"):
         load_settings(env_file=None, vat_targets_from="weight_average", ema_decay=0.0)
 
@@ -327,10 +357,8 @@ def test_a_resume_across_a_changed_option_is_refused_and_old_checkpoints_count_a
     run_phase("vat", small_settings(**quick), mnist_split, tmp_path)
     changes = {
         "consistency_weight": (0.5, "VAT_CONSISTENCY_WEIGHT was 0.0, now 0.5"),
-        "consistency_targets": ("soft", "VAT_CONSISTENCY_TARGETS was 'hard', now 'soft'"),
         "model": ("conv-small", "VAT_MODEL was 'article', now 'conv-small'"),
         "labeled_augment": ("strong", "VAT_LABELED_AUGMENT was 'weak', now 'strong'"),
-        "strong_cutout_px": (4, "VAT_STRONG_CUTOUT_PX was 8, now 4"),
     }
     for name, (value, message) in changes.items():
         with pytest.raises(ResumeMismatch, match=message):
@@ -341,6 +369,50 @@ def test_a_resume_across_a_changed_option_is_refused_and_old_checkpoints_count_a
         state["history"] = state["history"][:, :3]  # no consistency column yet
         save_checkpoint(path, state)
     with pytest.raises(ResumeMismatch, match="VAT_CONSISTENCY_WEIGHT was 0.0, now 0.5"):
-        run_phase("vat", small_settings(**quick, consistency_weight=0.5), mnist_split, tmp_path)
+        run_phase("vat", small_settings(**quick, **{"consistency_weight": 0.5}), mnist_split, tmp_path)
     resumed = run_phase("vat", small_settings(**quick), mnist_split, tmp_path)
     assert resumed.resumed_from == 2 and resumed.history["consistency"] == [0.0, 0.0]
+
+
+def test_an_option_the_run_does_not_use_neither_refuses_a_resume_nor_splits_a_collect_group(mnist_split, tmp_path):
+    """Consistency off: its target kind, threshold and source and the strong transform change nothing; hard targets:
+    the temperature changes nothing. Such a value is recorded at its default, so a resume goes on and `collect`
+    counts the run with the others; a value that is used still refuses the resume and splits the group."""
+    from job.collect import configuration
+
+    quick = dict(train_steps=2, checkpoint_every=1, hidden_units=24, ema_decay=0.9)
+    unused_when_off = dict(
+        consistency_targets="soft",
+        consistency_threshold=0.5,
+        consistency_temperature=2.0,
+        consistency_targets_from="weight_average",
+        strong_cutout_px=4,
+        strong_rotate_deg=5.0,
+    )
+    off = tmp_path / "off"
+    run_phase("vat", small_settings(**quick), mnist_split, off)
+    for name, value in unused_when_off.items():
+        assert run_phase("vat", small_settings(**quick, **{name: value}), mnist_split, off).resumed_from == 2, name
+
+    hard = dict(quick, consistency_weight=0.5, consistency_targets="hard")
+    on = tmp_path / "on"
+    run_phase("vat", small_settings(**hard), mnist_split, on)
+    assert run_phase("vat", small_settings(**hard, consistency_temperature=2.0), mnist_split, on).resumed_from == 2
+    used = {
+        "consistency_threshold": (0.5, "VAT_CONSISTENCY_THRESHOLD was 0.95, now 0.5"),
+        "strong_cutout_px": (4, "VAT_STRONG_CUTOUT_PX was 8, now 4"),
+        "consistency_targets_from": ("weight_average", "VAT_CONSISTENCY_TARGETS_FROM was 'model', now 'weight_avera"),
+    }
+    for name, (value, message) in used.items():
+        with pytest.raises(ResumeMismatch, match=message):
+            run_phase("vat", small_settings(**hard, **{name: value}), mnist_split, on)
+
+    def group_of(**settings):
+        return configuration({"settings": small_settings(**settings).public_dict()})
+
+    assert all(group_of(**{name: value}) == group_of() for name, value in unused_when_off.items())
+    assert group_of(consistency_weight=0.5, consistency_threshold=0.5) != group_of(consistency_weight=0.5)
+    assert group_of(strong_cutout_px=4, labeled_augment="strong") != group_of(labeled_augment="strong")
+    assert group_of(vat_weight=0.0, vat_targets_from="weight_average", ema_decay=0.9) == group_of(
+        vat_weight=0.0, ema_decay=0.9
+    )

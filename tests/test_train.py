@@ -289,7 +289,7 @@ def test_batchnorm_reestimation_gives_the_average_statistics_of_the_unlabelled_i
 
 
 def test_shifted_images_are_the_same_digits_moved_by_at_most_the_limit(mnist_split):
-    from job.data import randomly_shifted
+    from job.augment import randomly_shifted
 
     images = mnist_split.train_images[mnist_split.labeled[:50]]
     assert randomly_shifted(images, 0) is images
@@ -306,7 +306,8 @@ def test_shifted_images_are_the_same_digits_moved_by_at_most_the_limit(mnist_spl
 
 
 def test_rotated_images_are_the_same_digits_turned_about_their_centre(mnist_split):
-    from job.data import as_float_batch, randomly_deformed, warped
+    from job.augment import randomly_deformed, warped
+    from job.data import as_float_batch
 
     batch = as_float_batch(mnist_split.train_images[mnist_split.labeled[:20]], channels_last=True)
     assert randomly_deformed(batch, 0, 0) is batch
@@ -324,7 +325,8 @@ def test_rotated_images_are_the_same_digits_turned_about_their_centre(mnist_spli
 
 
 def test_elastic_displacements_have_the_set_size_and_are_smooth_and_distort_each_image_its_own_way(mnist_split):
-    from job.data import ELASTIC_SMOOTHING_PX, as_float_batch, randomly_deformed, smooth_noise, warped
+    from job.augment import ELASTIC_SMOOTHING_PX, randomly_deformed, smooth_noise, warped
+    from job.data import as_float_batch
 
     torch.manual_seed(0)
     field = smooth_noise(400, 28, ELASTIC_SMOOTHING_PX, CPU)
