@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from job import metrics
-from tests.support import free_port, job_env, moto_on_loopback, run_job, tool, wait_until
+from tests.support import events, free_port, job_env, moto_on_loopback, run_job, tool, wait_until
 
 GROUP = "team-a-vat-job-nightly"
 ACCURACIES = {(model, test_set) for model in metrics.MODELS for test_set in metrics.TEST_SETS}
@@ -96,10 +96,28 @@ def nights(tmp_path_factory, mnist_dir, pushgateway):
         assert termination.read_text() == "", "nothing to say about a success"
         refused = night("night-2", PROMOTE_MIN_ACCURACY="0.999")  # a few updates: far below
         refused["termination"] = termination.read_text()
+        client = s3["client"]
+
+        def stored(key):
+            return json.loads(client.get_object(Bucket="vat-results", Key=f"metrics/{key}")["Body"].read())
+
+        listing = client.list_objects_v2(Bucket="vat-results", Prefix="metrics/runs/night-2/")["Contents"]
+        bucket = {  # what the gate left in the bucket, read while the server is up
+            "pointer": stored("latest/pointer.json"),
+            "refused_run": {o["Key"] for o in listing},
+            "refused_report": stored("runs/night-2/report.json"),
+        }
         endpoint["AWS_ENDPOINT_URL_S3"] = f"http://127.0.0.1:{free_port()}"  # nothing listens there
         unreachable = night("night-3", group="broken-nightly", S3_MAX_ATTEMPTS="1")
         after = scrape(pushgateway, GROUP)
-    return {"runs": tmp / "runs", "promoted": promoted, "refused": refused, "unreachable": unreachable, "after": after}
+    return {
+        "runs": tmp / "runs",
+        "promoted": promoted,
+        "refused": refused,
+        "unreachable": unreachable,
+        "after": after,
+        "bucket": bucket,
+    }
 
 
 @pytest.mark.slow
@@ -132,6 +150,20 @@ def test_a_refused_night_says_so_and_keeps_the_last_success(nights):
     for kept in ("vat_job_last_success_timestamp_seconds", "vat_job_last_success_accuracy"):
         assert scraped[kept] == before[kept], "a failed night leaves the last success as it was"
     assert night["termination"].startswith("quality gate refused: not promoted: accuracy "), night["termination"]
+
+
+@pytest.mark.slow
+def test_the_job_promotes_then_a_refused_run_exits_6_and_stays_in_the_bucket(nights):
+    """The gate end to end (job/promote.py has its own tests): night-1 promoted, night-2 refused (exit 6, its last
+    line says why) and kept whole in the bucket, the pointer still on night-1."""
+    promoted, refused = nights["promoted"]["result"], nights["refused"]["result"]
+    assert [e["event"] for e in events(promoted.stdout)[-2:]] == ["promoted", "summary"]
+    last = events(refused.stdout)[-1]
+    assert last["event"] == "quality_gate_refused" and last["exit_code"] == 6 and "below the minimum" in last["message"]
+    bucket = nights["bucket"]
+    assert bucket["pointer"]["run_id"] == "night-1" and bucket["pointer"]["group"] == GROUP
+    assert "metrics/runs/night-2/manifest.json" in bucket["refused_run"], "the refused run is complete and kept"
+    assert bucket["refused_report"]["group"] == GROUP
 
 
 @pytest.mark.slow

@@ -202,9 +202,7 @@ def test_upload_failure_after_training_keeps_local_artifacts_and_a_rerun_uploads
 
 
 @pytest.mark.slow
-def test_sigterm_uploads_the_checkpoint_and_a_resume_from_the_bucket_matches(
-    tmp_path, mnist_dir, s3_server, learned_run
-):
+def test_sigterm_uploads_the_checkpoint_and_a_resume_from_the_bucket_matches(tmp_path, mnist_dir, s3_server, request):
     env = s3_job_env(tmp_path, mnist_dir, s3_server, RUN_ID="preempted", **LEARNING_STEPS)
     code, rest, _ = sigterm_during_vat(env)
     assert code == 5
@@ -217,7 +215,8 @@ def test_sigterm_uploads_the_checkpoint_and_a_resume_from_the_bucket_matches(
     assert resumed.returncode == 0, resumed.stdout[-2000:]
     attempts = (tmp_path / "other-node/preempted/log.jsonl").read_text().count('"event": "run_started"')
     assert attempts == 2, "the resumed run's log.jsonl keeps the first attempt's lines"
-    assert same_models(learned_run, tmp_path / "other-node/preempted")
+    # The uninterrupted reference only now: while another worker makes it, this one has trained instead of waiting.
+    assert same_models(request.getfixturevalue("learned_run"), tmp_path / "other-node/preempted")
 
 
 @pytest.mark.slow
