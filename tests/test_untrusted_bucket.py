@@ -297,8 +297,16 @@ def test_a_stale_lease_of_a_killed_job_is_taken_over_after_it_expires(tmp_path, 
 def test_collect_reports_damaged_runs_and_verifies_downloads_against_the_manifest(tmp_path, mnist_dir, s3_server):
     client = s3_server["client"]
     env = s3_job_env(tmp_path, mnist_dir, s3_server, S3_PREFIX="damage")
-    for run_id in ("good", "truncated", "lying"):
-        assert run_job({**env, "VAT_RUN_ID": run_id}).returncode == 0
+    assert run_job({**env, "VAT_RUN_ID": "good"}).returncode == 0
+    for run_id in ("truncated", "lying"):  # whole copies of the good run (objects and metadata), then damaged
+        for key in objects(client, "good", prefix="damage"):
+            source = {"Bucket": BUCKET, "Key": f"damage/runs/good/{key}"}
+            client.copy_object(Bucket=BUCKET, Key=f"damage/runs/{run_id}/{key}", CopySource=source)
+        copied = json.loads(client.get_object(Bucket=BUCKET, Key=f"damage/runs/{run_id}/manifest.json")["Body"].read())
+        put(client, f"damage/runs/{run_id}/manifest.json", json.dumps({**copied, "run_id": run_id}).encode())
+    listing = json.loads(run_job(env, "collect", "--format", "json").stdout)["runs"]
+    statuses = {row["run_id"]: row["status"] for row in listing}
+    assert statuses == dict.fromkeys(("good", "truncated", "lying"), "complete"), "sound copies before the damage"
     report_key = "damage/runs/truncated/report.json"
     put(client, report_key, client.get_object(Bucket=BUCKET, Key=report_key)["Body"].read()[:100])
     manifest_key = "damage/runs/lying/manifest.json"
