@@ -32,6 +32,15 @@ def pytest_addoption(parser):
     )
 
 
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # one of -n's workers, one per core
+        import torch
+
+        # One thread per worker, as support.clean_environ gives the job's subprocesses: with a thread per core in
+        # every process the cores are oversubscribed, and OpenMP's threads spin while they wait for each other.
+        torch.set_num_threads(1)
+
+
 def skip_reason(report) -> str:
     longrepr = report.longrepr
     return str(longrepr[2] if isinstance(longrepr, tuple) else longrepr).removeprefix("Skipped: ")

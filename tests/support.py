@@ -65,6 +65,9 @@ def clean_environ(**extra: str) -> dict[str, str]:
     """This process's environment without VAT_* variables, importing this checkout's `job` whatever the folder."""
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("VAT_")}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    # One torch thread: the suite runs a test per core and the job beside it (a pair of jobs took 14.4 s with one
+    # thread each, 16.4-17.9 s with torch's default of one per core, which oversubscribes the cores).
+    env["OMP_NUM_THREADS"] = "1"
     env.update(extra)
     return env
 
