@@ -34,9 +34,9 @@ def training_batch(
     rotate_deg: float = 0.0,
     elastic_px: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A uniform batch of `indices` without replacement (all of them, in order, when the batch is that large), as
-    channels-last floats, each image randomly shifted by up to `shift_px` pixels, then turned by up to `rotate_deg`
-    degrees and elastically distorted by `elastic_px` pixels (`randomly_deformed`); returns (images, indices)."""
+    """The images of `drawn(indices, batch_size)` as channels-last floats, each randomly shifted by up to `shift_px`
+    pixels, then turned by up to `rotate_deg` degrees and elastically distorted by `elastic_px` pixels
+    (`randomly_deformed`); returns (images, indices)."""
     indices = drawn(indices, batch_size)
     batch = as_float_batch(randomly_shifted(images_uint8[indices], shift_px), channels_last=True)
     return randomly_deformed(batch, rotate_deg, elastic_px), indices

@@ -41,7 +41,12 @@ class TrainingOptions(BaseModel):
 # Options that change nothing while another option has this value: a run that sets them is the same experiment as
 # one that leaves them at their defaults, so checkpoints record and `collect` groups them at their defaults (a resume
 # is not refused, a group not split, for a value that is not used). The report keeps the values as they were set.
-_CONSISTENCY_DETAILS = ("consistency_targets", "consistency_threshold", "consistency_temperature")
+_CONSISTENCY_DETAILS = (
+    "consistency_targets",
+    "consistency_threshold",
+    "consistency_temperature",
+    "consistency_targets_from",
+)
 _STRONG_TRANSFORM = tuple(name for name in TrainingOptions.model_fields if name.startswith("strong_"))
 
 
@@ -50,7 +55,7 @@ def unused_options(values: Mapping[str, Any]) -> set[str]:
     unused = set()
     consistency_off = values.get("consistency_weight", 0) == 0
     if consistency_off:
-        unused.update((*_CONSISTENCY_DETAILS, "consistency_targets_from"))
+        unused.update(_CONSISTENCY_DETAILS)
     elif values.get("consistency_targets") == "hard":
         unused.add("consistency_temperature")  # a hard target is the class, not a sharpened distribution
     if values.get("vat_weight", 1) == 0:
