@@ -40,9 +40,9 @@ def safe_relative(name: str) -> str | None:
 
     Refused: "" and folder markers ("x/"), absolute paths, "." / ".." / empty segments ("a//b"), backslashes,
     NUL and control characters, and hidden names (".x": the job's own temporary and lock files)."""
-    if not isinstance(name, str) or not name or name.endswith("/") or "\\" in name:
+    if not isinstance(name, str) or "\\" in name:
         return None
-    for part in name.split("/"):
+    for part in name.split("/"):  # "" and "x/" have an empty segment
         if not part or part.startswith(".") or any(ord(c) < 32 or c == "\x7f" for c in part):
             return None
     return name
@@ -308,7 +308,7 @@ def parse(body: bytes | str, schema: type[Doc], what: str) -> Doc:
         return schema.model_validate_json(body)  # pydantic's parser bounds nesting depth (no RecursionError)
     except ValidationError as error:
         first = error.errors(include_url=False, include_input=False)[0]
-        if first["type"] in ("json_invalid", "json_type"):
+        if first["type"] == "json_invalid":
             raise Untrusted(f"{what} is not valid JSON (truncated?)") from None
         where = ".".join(str(part) for part in first["loc"]) or "the document"
         raise Untrusted(f"{what}: {where}: {first['msg']}") from None

@@ -4,6 +4,7 @@ through these functions, so their properties are checked on thousands of hostile
 import io
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -246,3 +247,159 @@ def test_an_uncaught_exception_prints_a_masked_traceback():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ))
     assert result.returncode == 1 and "RuntimeError" in result.stderr
     assert "uncaught-s3cret" not in result.stderr + result.stdout
+
+
+# --- the exact rules, example by example: the properties above hold for a laxer border too (a backslash or a
+# trailing "/" cannot leave the folder on Linux), so what the border refuses and accepts is pinned here as well.
+
+
+@pytest.mark.parametrize("name", ["a", "a/b.txt", "vat/model.pt", "a b", "x~y..z", "-a/_b"])
+def test_safe_relative_accepts_plain_names(name):
+    assert untrusted.safe_relative(name) == name
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["", "x/", "/abs", "a\\b", "a//b", ".", "..", "a/../b", "a/.hidden", ".tmp-x", "a\x00b", "a\x1fb", "a\x7fb", 123],
+)
+def test_safe_relative_refuses(name):
+    assert untrusted.safe_relative(name) is None
+
+
+def test_a_folder_marker_is_an_empty_object_whose_key_ends_in_a_slash():
+    assert untrusted.is_folder_marker("runs/", 0) and untrusted.is_folder_marker("", 0)
+    assert not untrusted.is_folder_marker("runs/", 1) and not untrusted.is_folder_marker("runs", 0)
+
+
+def test_the_longest_registered_secret_is_masked_first_so_no_part_of_it_survives():
+    register_secret("Akx9-wrapped-qz")
+    register_secret("wrapped-qz")
+    assert mask("Akx9-wrapped-qz") == "***" and mask("[wrapped-qz]") == "[***]"
+
+
+def test_secrets_of_minimum_length_and_their_percent_encoded_form_are_masked():
+    shortest = "\u00a7" * untrusted.MIN_SECRET_LENGTH
+    register_secret(shortest)
+    assert mask(f"key {shortest}.") == "key ***."
+    register_secret("qw:e/r@t")
+    assert mask("x qw%3Ae%2Fr%40t y") == "x *** y"
+    register_secret("ab")  # shorter than MIN_SECRET_LENGTH: an ordinary word would vanish from every line
+    assert mask("ab") == "ab"
+
+
+@pytest.mark.parametrize(
+    ("url", "userinfo"),
+    [
+        ("https://u:pw@h/", "u:pw"),
+        ("HTTPS://Us:Pw1@h:9/x", "Us:Pw1"),
+        ("u:pw@127.0.0.1:9", "u:pw"),
+        ("https://u:p@ss@h/", "u:p@ss"),
+        ("https://h/x/a@b/c", ""),
+        ("https://h/", ""),
+    ],
+)
+def test_the_userinfo_of_a_url_is_what_sits_before_the_last_at_of_its_authority(url, userinfo):
+    assert untrusted._userinfo(url) == userinfo
+
+
+def test_the_environment_registers_url_passwords_and_aws_secrets_even_where_quoted_without_their_url():
+    values = {
+        "VAT_S3_ENDPOINT_URL": "http://user:envpw:with-colon@127.0.0.1:9000",
+        "VAT_MNIST_MIRRORS": '["https://a:mirror-pw-1@m1/", "https://b:mirror%40pw-2@m2/"]',
+        "AWS_ENDPOINT_URL": "http://k:boto-pw-3@x/",
+        "AWS_SECRET_ACCESS_KEY": "aws-secret-4",
+        "AWS_SESSION_TOKEN": "session-token-5",
+    }
+    untrusted.register_environment_secrets(values, ["VAT_S3_ENDPOINT_URL", "VAT_MNIST_MIRRORS"])
+    # as urllib and botocore quote them: "nonnumeric port: 'password@host'", a bare key in an error
+    line = "'envpw:with-colon@127.0.0.1' 'mirror-pw-1@m1' mirror@pw-2 'boto-pw-3@x' aws-secret-4 session-token-5"
+    assert mask(line) == "'***@127.0.0.1' '***@m1' *** '***@x' *** ***"
+
+
+def test_a_url_registers_its_token_its_password_and_the_password_unquoted():
+    untrusted.register_url_secrets("https://ghp-token-6@h/")
+    untrusted.register_url_secrets("https://u:p%40ss:word-7@h/")
+    assert mask("ghp-token-6@h") == "***@h"
+    assert mask("p%40ss:word-7 p@ss:word-7") == "*** ***"
+
+
+@pytest.mark.parametrize(
+    ("url", "bare", "user", "password"),
+    [
+        ("https://u:p%40w:x@h:9/p?q=1#f", "https://h:9/p?q=1#f", "u", "p@w:x"),
+        ("http://tok%2Fen@h/", "http://h/", "tok/en", None),
+        ("http://u:pw@[::1]:9000/m/", "http://[::1]:9000/m/", "u", "pw"),
+        ("https://h:9/p", "https://h:9/p", None, None),
+    ],
+)
+def test_without_userinfo_splits_the_credentials_off_unquoted(url, bare, user, password):
+    assert untrusted.without_userinfo(url) == (bare, user, password)
+
+
+@pytest.mark.parametrize("url", ["http://h:1/", "https://h:65535/", "http://u:abc@h:9000/", "HTTP://H/"])
+def test_checked_url_accepts_the_edges(url):
+    assert checked_url(url) == url
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("   ", "must be a URL such as https://host:port/"),
+        ("http://h:port/", "is not a URL (its port is not a number)"),
+        ("ftp://h/", "must start with http:// or https:// and name a host (e.g. http://host:port/)"),
+        ("http://:9000/", "names no host, or holds spaces"),
+        ("http://ho st/", "names no host, or holds spaces"),
+        ("http://h:0/", "has no valid port"),
+        ("http://u:ab@h/", "a password this short cannot be kept out of the logs"),
+    ],
+)
+def test_checked_url_says_what_is_wrong(url, message):
+    with pytest.raises(ValueError, match=re.escape(message)) as error:
+        checked_url(url)
+    assert str(error.value).startswith(message if not url.strip() else repr(mask(url)))
+
+
+def test_checked_url_shows_the_url_with_its_password_masked():
+    with pytest.raises(ValueError) as error:
+        checked_url("http://u:show-me-not@h:port/")
+    assert str(error.value) == "'http://***@h:port/' is not a URL (its port is not a number)"
+
+
+def test_checked_url_names_the_one_scheme_it_wants():
+    with pytest.raises(ValueError, match=re.escape("must start with s3:// and name a host (e.g. s3://host:port/)")):
+        checked_url("http://h/", schemes=("s3",))
+
+
+def test_a_report_needs_a_group_name_and_integer_seeds_only_where_it_has_them():
+    assert parse(json.dumps(GOOD[Report]), Report, "r").settings["run_group"] == "g"
+    without_group = {**GOOD[Report], "settings": {"label_split_seed": 1}}
+    assert parse(json.dumps(without_group), Report, "r").settings == {"label_split_seed": 1}
+    named = {**GOOD[Report], "settings": {"run_group": "Nightly-A.1_b"}}
+    assert parse(json.dumps(named), Report, "r").settings["run_group"] == "Nightly-A.1_b"
+    for settings_, message in [
+        ({"run_group": "../up"}, "run_group is not a group name"),
+        ({"run_group": 3}, "run_group is not a group name"),
+        ({"label_split_seed": "1"}, "label_split_seed is not an integer"),
+        ({"seed": 1.0}, "seed is not an integer"),
+        ({"train_steps": True}, "train_steps is not an integer"),
+    ]:
+        with pytest.raises(Untrusted, match=re.escape(f"report.json: settings: Value error, {message}")):
+            parse(json.dumps({**GOOD[Report], "settings": settings_}), Report, "report.json")
+
+
+def test_parse_names_where_a_document_is_wrong_and_takes_exactly_its_size_limit():
+    bad = json.loads(json.dumps(GOOD[Report]))
+    bad["models"]["vat"]["mnist_test"]["accuracy"] = 2
+    with pytest.raises(Untrusted, match=r"^r: models\.vat\.mnist_test\.accuracy: Input should be less than or"):
+        parse(json.dumps(bad), Report, "r")
+    with pytest.raises(Untrusted, match=r"^lease: the document: Input should be an object$"):
+        parse("[]", Lease, "lease")
+    manifest = {"run_id": "r1", "files": {"../x": {"size": 1, "sha256": "a" * 64}}}
+    plain = re.escape("manifest.json: files.../x.[key]: Value error, is not a plain relative file name")
+    with pytest.raises(Untrusted, match=f"^{plain}$"):
+        parse(json.dumps(manifest), Manifest, "manifest.json")
+    body = json.dumps(GOOD[Lease])
+    exactly = body + " " * (untrusted.MAX_DOCUMENT_BYTES - len(body))
+    assert parse(exactly, Lease, "lease").pid == 7
+    with pytest.raises(Untrusted, match=f"^lease is larger than {untrusted.MAX_DOCUMENT_BYTES // 2**20} MiB$"):
+        parse(exactly + " ", Lease, "lease")
