@@ -138,9 +138,9 @@ class Trainer:
         entropy = torch.zeros((), device=self.device)
         if clean_logits.requires_grad:
             entropy = entropy_with_logits(clean_logits)
-            balance = s.balance_weight * marginal_entropy_with_logits(clean_logits) if s.balance_weight else 0.0
-            self._backward(self.entmin_scale * entropy - balance)
-        targets = {"model": clean_logits, "weight_average": None}  # EntMin's term above stays the model's own
+            balance = marginal_entropy_with_logits(clean_logits)  # maximised: the batch's classes stay spread
+            self._backward(self.entmin_scale * entropy - s.balance_weight * balance)
+        targets = {"model": clean_logits}  # EntMin's term above stays the model's own
         if self.teacher_needed:
             with full_precision(self.device):
                 targets["weight_average"] = targets_from_weight_average(self.ema.module, xu)

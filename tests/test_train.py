@@ -6,9 +6,12 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from job.augment import strongly_augmented, training_batch
 from job.checkpoint import CheckpointError, latest_intact_checkpoint, load_checkpoint, save_checkpoint
+from job.consistency import consistency_term
 from job.logs import get_logger
 from job.train import Hooks, Interrupted, StopFlag, Trainer, train_phase
+from job.vat import entropy_with_logits, lds_loss, marginal_entropy_with_logits
 from tests.support import assert_same_weights, run_phase, small_settings, stop_after, weights
 
 CPU = torch.device("cpu")
@@ -201,9 +204,11 @@ def test_amp_bf16_update_runs_and_keeps_the_power_iteration_in_float32(mnist_spl
     monkeypatch.setattr(train_module, "lds_loss", spy)
     trainer = Trainer("vat", small_settings(amp="bf16"), mnist_split, CPU)
     trainer.model.train()
+    labelled = []  # the labelled pass runs under autocast too
+    trainer.model.register_forward_hook(lambda _, args, out: labelled.append(out.dtype) if len(args) == 1 else None)
     losses = trainer.update(0)
     assert torch.isfinite(losses).all() and losses[1] > 0
-    assert seen == [(torch.float32, torch.float32, torch.bfloat16)]
+    assert seen == [(torch.float32, torch.float32, torch.bfloat16)] and labelled == [torch.bfloat16]
 
 
 def test_checkpoint_that_would_run_code_is_refused(tmp_path):
@@ -266,6 +271,127 @@ def test_without_dropout_the_unlabelled_passes_are_deterministic_given_the_batch
     assert torch.equal(model(x, keep_all), model(x, keep_all))
     assert not torch.equal(model(x), model(x)), "the default mask drops units"
     assert torch.isfinite(trainer.update(0)).all()
+
+
+@pytest.mark.parametrize("masks", ["shared", "independent", "none"])
+def test_the_unlabelled_passes_of_one_update_take_the_dropout_mask_the_setting_names(mnist_split, masks):
+    """The seed's perturbed passes drew their own masks, so the probe measured dropout noise as well as the
+    perturbation; "shared" gives every pass of one update (clean, power iterations, perturbed) the same mask."""
+    trainer = Trainer("vat", small_settings(dropout_masks=masks, power_iterations=2), mnist_split, CPU)
+    unlabelled = []
+    trainer.model.register_forward_pre_hook(
+        lambda _, args: unlabelled.append(args[1] if len(args) > 1 else None) if len(args[0]) == 32 else None
+    )
+    trainer.update(0)
+    assert len(unlabelled) == 1 + 2 + 1, "clean, two power iterations, perturbed"
+    if masks == "independent":
+        assert unlabelled == [None] * 4, "each pass draws its own, as nn.Dropout would"
+        return
+    assert all(mask is unlabelled[0] for mask in unlabelled)
+    assert set(unlabelled[0].unique().tolist()) == ({1.0} if masks == "none" else {0.0, 2.0})
+
+
+def test_the_clean_pass_builds_a_graph_only_for_a_term_that_trains_through_it(mnist_split):
+    """Without EntMin and the balance term the clean prediction is only VAT's target: no graph, no entropy."""
+    for entmin, balance, graph in [(0.0, 0.0, False), (0.0, 0.5, True), (1.0, 0.0, True)]:
+        trainer = Trainer("vat", small_settings(entmin_weight=entmin, balance_weight=balance), mnist_split, CPU)
+        entropy = trainer.update(0)[2]
+        assert (entropy > 0) == graph, (entmin, balance)
+
+
+def test_an_update_hands_each_term_its_settings_and_the_clean_prediction(mnist_split, monkeypatch):
+    """test_vat and test_consistency test the terms themselves; this is what the trainer passes them and how it
+    weighs them (the balance term is subtracted: it maximises the entropy of the batch's mean prediction)."""
+    import job.train
+
+    settings = small_settings(
+        epsilon=2.5, epsilon_scaling="input_norm", xi=0.5, power_iterations=2, vat_weight=0.5, balance_weight=0.3
+    )
+    trainer = Trainer("vat", settings, mnist_split, CPU)
+    calls, losses, clean = {}, [], []
+
+    def lds_spy(forward, x, clean_logits, **options):
+        calls["lds"] = (x, clean_logits, options)
+        return lds_loss(forward, x, clean_logits, **options)
+
+    backward = trainer._backward
+    monkeypatch.setattr(job.train, "lds_loss", lds_spy)
+    monkeypatch.setattr(trainer, "_backward", lambda loss: (losses.append(loss.detach()), backward(loss)))
+    trainer.model.register_forward_hook(lambda _, args, out: clean.append(out.detach()) if len(args[0]) == 32 else None)
+    ce, lds, entropy, _ = trainer.update(5)
+    x, clean_logits, options = calls["lds"]
+    assert len(x) == 32 and torch.equal(clean_logits.detach(), clean[0]) and options["target_logits"] is clean_logits
+    assert {k: options[k] for k in ("epsilon", "epsilon_scaling", "xi", "power_iterations")} == {
+        "epsilon": 2.5,
+        "epsilon_scaling": "input_norm",
+        "xi": 0.5,
+        "power_iterations": 2,
+    }
+    assert trainer.entmin_scale > 0 and torch.allclose(entropy, entropy_with_logits(clean[0]))
+    entmin_term = trainer.entmin_scale * entropy - 0.3 * marginal_entropy_with_logits(clean[0])
+    assert torch.allclose(torch.stack(losses), torch.stack([ce, entmin_term, 0.5 * lds]))
+
+
+@pytest.mark.parametrize(("shift", "rotate", "elastic"), [(2, 0.0, 0.0), (0, 20.0, 0.0), (0, 0.0, 2.0), (1, 10.0, 1.0)])
+def test_the_trainers_batches_are_augmented_as_the_settings_say(mnist_split, shift, rotate, elastic):
+    trainer = Trainer(
+        "vat", small_settings(translate_px=shift, rotate_deg=rotate, elastic_px=elastic), mnist_split, CPU
+    )
+    torch.manual_seed(3)
+    images, indices = trainer.batch(mnist_split.unlabeled, 16)
+    torch.manual_seed(3)
+    expected = training_batch(mnist_split.train_images, mnist_split.unlabeled, 16, shift, rotate, elastic)
+    assert torch.equal(indices, expected[1]) and torch.equal(images, expected[0])
+    plain = mnist_split.train_images[indices].unsqueeze(1).float() / 255
+    assert not torch.equal(images, plain), "augmented"
+
+
+@pytest.mark.parametrize("decay", ["linear", "none"])
+def test_each_update_sets_the_optimiser_to_the_schedules_learning_rate(mnist_split, decay):
+    trainer = Trainer("vat", small_settings(lr=0.002, lr_decay=decay), mnist_split, CPU)
+    for step in (0, 3, 5):
+        trainer.update(step)
+        expected = 0.002 * (1 - step / 6) if decay == "linear" else 0.002
+        assert [group["lr"] for group in trainer.optimizer.param_groups] == pytest.approx([expected])
+
+
+def test_the_consistency_term_gets_a_strong_view_of_the_same_images_and_the_updates_dropout_mask(
+    mnist_split, monkeypatch
+):
+    import job.train
+
+    trainer = Trainer("vat", small_settings(consistency_weight=0.5, vat_weight=0.0), mnist_split, CPU)
+    calls, batches, masks, losses = [], [], [], []
+
+    def term_spy(model, strong, targets, mask, settings, device):
+        calls.append((strong, targets, mask))
+        return consistency_term(model, strong, targets, mask, settings, device)
+
+    def augment_spy(images, strength):
+        calls.append(images)
+        return strongly_augmented(images, strength)
+
+    batch, backward = trainer.batch, trainer._backward
+    monkeypatch.setattr(job.train, "consistency_term", term_spy)
+    monkeypatch.setattr(job.train, "strongly_augmented", augment_spy)
+    monkeypatch.setattr(trainer, "batch", lambda *args: batches.append(batch(*args)) or batches[-1])
+    monkeypatch.setattr(trainer, "_backward", lambda loss: (losses.append(loss.detach()), backward(loss)))
+    trainer.model.register_forward_pre_hook(lambda _, args: masks.append(args[1]) if len(args) > 1 else None)
+    consistency = trainer.update(0)[3]
+    images, (strong, targets, mask) = calls
+    (_, unlabelled) = batches[-1]
+    assert torch.equal(images, mnist_split.train_images[unlabelled]), "the unlabelled batch's own images"
+    assert strong.shape == (32, 1, 28, 28) and targets.shape == (32, 10)
+    assert mask is masks[0] and mask is masks[1], "the clean pass's mask (VAT_DROPOUT_MASKS=shared)"
+    assert torch.allclose(losses[-1], 0.5 * consistency)
+
+
+def test_a_baseline_update_sees_the_labelled_batch_only(mnist_split):
+    trainer = Trainer("baseline", small_settings(labeled_batch_size=20), mnist_split, CPU)
+    sizes = []
+    trainer.model.register_forward_pre_hook(lambda _, args: sizes.append(len(args[0])))
+    losses = trainer.update(0)
+    assert sizes == [20] and losses[0] > 0 and not losses[1:].any(), "one labelled pass, no unlabelled term"
 
 
 @pytest.mark.parametrize("ema_decay", [0.0, 0.999])
