@@ -135,14 +135,14 @@ def checked_url(value: str, schemes: tuple[str, ...] = ("http", "https")) -> str
         parts = urllib.parse.urlsplit(value)
         port = parts.port
     except ValueError:
-        raise ValueError(f"{shown!r} is not a URL (its port is not a number)") from None
+        raise ValueError(f"{shown!r} has no valid port (a number from 1 to 65535)") from None
     if parts.scheme.lower() not in schemes or not parts.netloc:
         wanted = " or ".join(f"{s}://" for s in schemes)
         raise ValueError(f"{shown!r} must start with {wanted} and name a host (e.g. {schemes[0]}://host:port/)")
     if not parts.hostname or any(c.isspace() for c in value):
         raise ValueError(f"{shown!r} names no host, or holds spaces")
     if port is not None and not 0 < port < 65536:
-        raise ValueError(f"{shown!r} has no valid port")
+        raise ValueError(f"{shown!r} has no valid port (a number from 1 to 65535)")
     if parts.password is not None and len(parts.password) < MIN_SECRET_LENGTH:
         raise ValueError(f"{shown!r}: a password this short cannot be kept out of the logs; use a longer one")
     return value

@@ -305,15 +305,16 @@ def test_the_userinfo_of_a_url_is_what_sits_before_the_last_at_of_its_authority(
 def test_the_environment_registers_url_passwords_and_aws_secrets_even_where_quoted_without_their_url():
     values = {
         "VAT_S3_ENDPOINT_URL": "http://user:envpw:with-colon@127.0.0.1:9000",
-        "VAT_MNIST_MIRRORS": '["https://a:mirror-pw-1@m1/", "https://b:mirror%40pw-2@m2/"]',
+        "VAT_MNIST_MIRRORS": "https://a:mirror-pw-1@m1/,https://b:mirror%40pw-2@m2/",
         "AWS_ENDPOINT_URL": "http://k:boto-pw-3@x/",
+        "AWS_ENDPOINT_URL_S3": "http://k:boto-s3-pw-6@y/",
         "AWS_SECRET_ACCESS_KEY": "aws-secret-4",
         "AWS_SESSION_TOKEN": "session-token-5",
     }
     untrusted.register_environment_secrets(values, ["VAT_S3_ENDPOINT_URL", "VAT_MNIST_MIRRORS"])
     # as urllib and botocore quote them: "nonnumeric port: 'password@host'", a bare key in an error
-    line = "'envpw:with-colon@127.0.0.1' 'mirror-pw-1@m1' mirror@pw-2 'boto-pw-3@x' aws-secret-4 session-token-5"
-    assert mask(line) == "'***@127.0.0.1' '***@m1' *** '***@x' *** ***"
+    line = "'envpw:with-colon@127.0.0.1' 'mirror-pw-1@m1' mirror@pw-2 'boto-pw-3@x' boto-s3-pw-6 aws-secret-4"
+    assert mask(line + " session-token-5") == "'***@127.0.0.1' '***@m1' *** '***@x' *** *** ***"
 
 
 def test_a_url_registers_its_token_its_password_and_the_password_unquoted():
@@ -345,11 +346,12 @@ def test_checked_url_accepts_the_edges(url):
     ("url", "message"),
     [
         ("   ", "must be a URL such as https://host:port/"),
-        ("http://h:port/", "is not a URL (its port is not a number)"),
+        ("http://h:port/", "has no valid port (a number from 1 to 65535)"),
+        ("http://h:65536/", "has no valid port (a number from 1 to 65535)"),
         ("ftp://h/", "must start with http:// or https:// and name a host (e.g. http://host:port/)"),
         ("http://:9000/", "names no host, or holds spaces"),
         ("http://ho st/", "names no host, or holds spaces"),
-        ("http://h:0/", "has no valid port"),
+        ("http://h:0/", "has no valid port (a number from 1 to 65535)"),
         ("http://u:ab@h/", "a password this short cannot be kept out of the logs"),
     ],
 )
@@ -362,7 +364,7 @@ def test_checked_url_says_what_is_wrong(url, message):
 def test_checked_url_shows_the_url_with_its_password_masked():
     with pytest.raises(ValueError) as error:
         checked_url("http://u:show-me-not@h:port/")
-    assert str(error.value) == "'http://***@h:port/' is not a URL (its port is not a number)"
+    assert str(error.value) == "'http://***@h:port/' has no valid port (a number from 1 to 65535)"
 
 
 def test_checked_url_names_the_one_scheme_it_wants():
@@ -374,10 +376,13 @@ def test_a_report_needs_a_group_name_and_integer_seeds_only_where_it_has_them():
     assert parse(json.dumps(GOOD[Report]), Report, "r").settings["run_group"] == "g"
     without_group = {**GOOD[Report], "settings": {"label_split_seed": 1}}
     assert parse(json.dumps(without_group), Report, "r").settings == {"label_split_seed": 1}
-    named = {**GOOD[Report], "settings": {"run_group": "Nightly-A.1_b"}}
-    assert parse(json.dumps(named), Report, "r").settings["run_group"] == "Nightly-A.1_b"
+    for group in ("Nightly-A.1_b", "g" * 63):
+        named = {**GOOD[Report], "settings": {"run_group": group}}
+        assert parse(json.dumps(named), Report, "r").settings["run_group"] == group
     for settings_, message in [
         ({"run_group": "../up"}, "run_group is not a group name"),
+        ({"run_group": "ok/../x"}, "run_group is not a group name"),
+        ({"run_group": "g" * 64}, "run_group is not a group name"),
         ({"run_group": 3}, "run_group is not a group name"),
         ({"label_split_seed": "1"}, "label_split_seed is not an integer"),
         ({"seed": 1.0}, "seed is not an integer"),

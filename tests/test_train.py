@@ -291,12 +291,17 @@ def test_the_unlabelled_passes_of_one_update_take_the_dropout_mask_the_setting_n
     assert set(unlabelled[0].unique().tolist()) == ({1.0} if masks == "none" else {0.0, 2.0})
 
 
-def test_the_clean_pass_builds_a_graph_only_for_a_term_that_trains_through_it(mnist_split):
+def test_the_clean_pass_builds_a_graph_only_for_a_term_that_trains_through_it(mnist_split, monkeypatch):
     """Without EntMin and the balance term the clean prediction is only VAT's target: no graph, no entropy."""
+    import job.train
+
+    targets = []
+    monkeypatch.setattr(job.train, "lds_loss", lambda *args, **kw: targets.append(args[2]) or lds_loss(*args, **kw))
     for entmin, balance, graph in [(0.0, 0.0, False), (0.0, 0.5, True), (1.0, 0.0, True)]:
         trainer = Trainer("vat", small_settings(entmin_weight=entmin, balance_weight=balance), mnist_split, CPU)
+        targets.clear()
         entropy = trainer.update(0)[2]
-        assert (entropy > 0) == graph, (entmin, balance)
+        assert targets[0].requires_grad == graph and (entropy > 0) == graph, (entmin, balance)
 
 
 def test_an_update_hands_each_term_its_settings_and_the_clean_prediction(mnist_split, monkeypatch):
@@ -347,12 +352,15 @@ def test_the_trainers_batches_are_augmented_as_the_settings_say(mnist_split, shi
 
 
 @pytest.mark.parametrize("decay", ["linear", "none"])
-def test_each_update_sets_the_optimiser_to_the_schedules_learning_rate(mnist_split, decay):
+def test_each_update_steps_the_optimiser_at_the_schedules_learning_rate(mnist_split, decay):
     trainer = Trainer("vat", small_settings(lr=0.002, lr_decay=decay), mnist_split, CPU)
+    trainer.optimizer.param_groups[0]["lr"] = 1.0  # what the step must not see
+    stepped, step_once = [], trainer._step
+    trainer._step = lambda: (stepped.append(trainer.optimizer.param_groups[0]["lr"]), step_once())
     for step in (0, 3, 5):
         trainer.update(step)
-        expected = 0.002 * (1 - step / 6) if decay == "linear" else 0.002
-        assert [group["lr"] for group in trainer.optimizer.param_groups] == pytest.approx([expected])
+    expected = [0.002 * (1 - step / 6) if decay == "linear" else 0.002 for step in (0, 3, 5)]
+    assert stepped == pytest.approx(expected)
 
 
 def test_the_consistency_term_gets_a_strong_view_of_the_same_images_and_the_updates_dropout_mask(
@@ -368,8 +376,8 @@ def test_the_consistency_term_gets_a_strong_view_of_the_same_images_and_the_upda
         return consistency_term(model, strong, targets, mask, settings, device)
 
     def augment_spy(images, strength):
-        calls.append(images)
-        return strongly_augmented(images, strength)
+        calls.append((images, strongly_augmented(images, strength)))
+        return calls[-1][1]
 
     batch, backward = trainer.batch, trainer._backward
     monkeypatch.setattr(job.train, "consistency_term", term_spy)
@@ -377,12 +385,14 @@ def test_the_consistency_term_gets_a_strong_view_of_the_same_images_and_the_upda
     monkeypatch.setattr(trainer, "batch", lambda *args: batches.append(batch(*args)) or batches[-1])
     monkeypatch.setattr(trainer, "_backward", lambda loss: (losses.append(loss.detach()), backward(loss)))
     trainer.model.register_forward_pre_hook(lambda _, args: masks.append(args[1]) if len(args) > 1 else None)
+    outputs = []
+    trainer.model.register_forward_hook(lambda _, args, out: outputs.append(out) if len(args) > 1 else None)
     consistency = trainer.update(0)[3]
-    images, (strong, targets, mask) = calls
+    (images, augmented), (strong, targets, mask) = calls
     (_, unlabelled) = batches[-1]
     assert torch.equal(images, mnist_split.train_images[unlabelled]), "the unlabelled batch's own images"
-    assert strong.shape == (32, 1, 28, 28) and targets.shape == (32, 10)
-    assert mask is masks[0] and mask is masks[1], "the clean pass's mask (VAT_DROPOUT_MASKS=shared)"
+    assert strong is augmented and targets is outputs[0], "the strong view against the clean pass's prediction"
+    assert mask is masks[0], "the clean pass's mask (VAT_DROPOUT_MASKS=shared)"
     assert torch.allclose(losses[-1], 0.5 * consistency)
 
 
