@@ -194,6 +194,22 @@ def run_phase(phase: str, settings: Settings, split: Any, folder: Path, stop: An
     return train_phase(phase, settings, split, torch.device("cpu"), folder, stop or StopFlag(), Hooks(log=get_logger()))
 
 
+class RecordingLog:
+    """A stand-in for the job's structlog logger that keeps every (event, fields) it is given, for tests that
+    check what the code reports."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, dict[str, Any]]] = []
+
+    def info(self, event: str, **fields: Any) -> None:
+        self.records.append((event, fields))
+
+    warning = info
+
+    def events(self) -> list[str]:
+        return [event for event, _ in self.records]
+
+
 def weights(model: Any) -> dict[str, Any]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 

@@ -6,7 +6,7 @@ import pytest
 
 from job import collect, history, trend
 from job.storage import RunStore, make_client
-from tests.support import BUCKET
+from tests.support import BUCKET, RecordingLog
 
 PREFIX = "collect"
 # (run id, group, created_at, label seed, VAT accuracy): the bucket of issue 10, where a sweep's mean over seeds
@@ -178,12 +178,8 @@ def test_promoted_model_is_fetched_through_its_pointer(collect_env, capsys, tmp_
         promote_to, promote_min_accuracy, promote_max_regression = "latest", 0.9, 0.005
         promote_max_drift, promote_drift_window = 0.01, 30
 
-    class Log:
-        def info(self, event, **fields):
-            pass
-
     accuracies = {"seeded_test": {"accuracy": 0.97}, "mnist_test": {"accuracy": 0.96}}
-    promote_run(store, {"models": {"vat": accuracies}}, S(), Log())
+    promote_run(store, {"models": {"vat": accuracies}}, S(), RecordingLog())
     code, out, _ = collected(capsys, "--promoted", str(tmp_path / "serving"))
     assert code == 0 and RUNS[0][0] in out
     assert (tmp_path / "serving" / "model.pt").read_bytes() == b"weights"

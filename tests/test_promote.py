@@ -10,20 +10,7 @@ from job import history
 from job.gate import METRIC, TEST_METRIC
 from job.promote import Gate, GateRefused, PromotionSlot, fetch_promoted, promote_run
 from job.storage import RunStore, StorageError, make_client
-from tests.support import BUCKET, REPO, s3rver_on_loopback
-
-
-class Log:
-    def __init__(self):
-        self.records = []
-
-    def info(self, event, **fields):
-        self.records.append((event, fields))
-
-    warning = info
-
-    def events(self):
-        return [event for event, _ in self.records]
+from tests.support import BUCKET, REPO, RecordingLog, s3rver_on_loopback
 
 
 class Settings:
@@ -96,7 +83,7 @@ def test_the_drift_bound_is_the_best_of_the_last_n_promoted_models(candidate, re
 
 
 def test_promotion_refusal_and_what_a_reader_sees(client, tmp_path):
-    prefix, log = "promo", Log()
+    prefix, log = "promo", RecordingLog()
     slot = PromotionSlot(client, BUCKET, prefix, "latest")
     assert slot.current() is None
     with pytest.raises(StorageError, match="nothing promoted"):
@@ -153,7 +140,7 @@ def test_promotion_refusal_and_what_a_reader_sees(client, tmp_path):
 
 def test_a_reader_refuses_a_file_that_does_not_match_the_pointer(client, tmp_path):
     store, report, _ = finished_run(client, tmp_path, "tamper", "night-1", 0.97)
-    pointer = promote_run(store, report, Settings(), Log())
+    pointer = promote_run(store, report, Settings(), RecordingLog())
     client.put_object(Bucket=BUCKET, Key=pointer["files"]["model.pt"]["key"], Body=b"not the model")
     with pytest.raises(StorageError, match="does not match the sha256"):
         fetch_promoted(PromotionSlot(client, BUCKET, "tamper", "latest"), tmp_path / "reader")
@@ -175,10 +162,10 @@ def test_every_exit_code_is_documented_in_the_cli_and_the_readme():
 def test_a_failed_fetch_leaves_the_readers_folder_with_the_earlier_promotion_whole(client, tmp_path):
     slot, reader = PromotionSlot(client, BUCKET, "whole", "latest"), tmp_path / "reader"
     first, report, folder = finished_run(client, tmp_path, "whole", "night-1", 0.97)
-    promote_run(first, report, Settings(), Log())
+    promote_run(first, report, Settings(), RecordingLog())
     fetch_promoted(slot, reader)
     second, report2, _ = finished_run(client, tmp_path, "whole", "night-2", 0.98)
-    pointer = promote_run(second, report2, Settings(), Log())
+    pointer = promote_run(second, report2, Settings(), RecordingLog())
     client.put_object(Bucket=BUCKET, Key=pointer["files"]["report.json"]["key"], Body=b"{}")  # the model is fine
     with pytest.raises(StorageError, match="does not match the sha256"):
         fetch_promoted(slot, reader)
@@ -200,7 +187,7 @@ def test_eight_promotions_each_0_0049_lower_cannot_walk_from_0_985_to_0_951(clie
     steps = [round(0.985 - 0.0049 * k, 4) for k in range(8)]
     assert steps[0] == 0.985 and steps[-1] == 0.9507
     for prefix, max_drift in (("walk-unbounded", 1.0), ("walk-bounded", 0.01)):
-        log, verdicts = Log(), []
+        log, verdicts = RecordingLog(), []
         for k, accuracy in enumerate(steps):
             store, report, _ = finished_run(client, tmp_path / prefix, prefix, f"step-{k}", accuracy)
             try:
@@ -222,7 +209,7 @@ def test_eight_promotions_each_0_0049_lower_cannot_walk_from_0_985_to_0_951(clie
 
 
 def test_the_gate_judges_validation_accuracy_and_records_the_test_accuracy_beside_it(client, tmp_path):
-    prefix, log = "validation", Log()
+    prefix, log = "validation", RecordingLog()
     store, report, _ = finished_run(client, tmp_path, prefix, "night-1", 0.97, test_accuracy=0.99)
     pointer = promote_run(store, report, Settings(), log)
     assert (pointer["metric"], pointer["accuracy"], pointer["test_accuracy"]) == (METRIC, 0.97, 0.99)
@@ -245,7 +232,7 @@ def test_the_gate_judges_validation_accuracy_and_records_the_test_accuracy_besid
 def old_pointer(client, prefix, run_id, test_accuracy, validation_accuracy, tmp_path):
     """A slot as a version before issue 25 left it: the pointer records the test set's accuracy."""
     store, report, _ = finished_run(client, tmp_path, prefix, run_id, validation_accuracy, test_accuracy)
-    pointer = promote_run(store, report, Settings(), Log())
+    pointer = promote_run(store, report, Settings(), RecordingLog())
     old = {k: v for k, v in pointer.items() if k not in ("test_metric", "test_accuracy", "recent")}
     old.update(metric="vat.mnist_test.accuracy", accuracy=test_accuracy)
     client.put_object(Bucket=BUCKET, Key=f"{prefix}/latest/pointer.json", Body=json.dumps(old).encode())
@@ -253,7 +240,7 @@ def old_pointer(client, prefix, run_id, test_accuracy, validation_accuracy, tmp_
 
 
 def test_a_pointer_that_recorded_the_test_accuracy_is_compared_on_its_reports_validation_accuracy(client, tmp_path):
-    prefix, log = "old-pointer", Log()
+    prefix, log = "old-pointer", RecordingLog()
     old_pointer(client, prefix, "old-1", test_accuracy=0.990, validation_accuracy=0.975, tmp_path=tmp_path)
     # 0.972 is more than 0.005 below the old pointer's 0.990 (test) but within 0.005 of its 0.975 (validation).
     store, report, _ = finished_run(client, tmp_path, prefix, "new-1", 0.972)
@@ -270,7 +257,7 @@ def test_an_old_pointer_whose_report_cannot_be_read_refuses_promotion(client, tm
     client.put_object(Bucket=BUCKET, Key=first["files"]["report.json"]["key"], Body=b'{"forged": 1}')
     store, report, _ = finished_run(client, tmp_path, prefix, "new-1", 0.99)
     with pytest.raises(GateRefused, match="does not match the sha256"):
-        promote_run(store, report, Settings(), Log())
+        promote_run(store, report, Settings(), RecordingLog())
     assert PromotionSlot(client, BUCKET, prefix, "latest").current().run_id == "old-1"
     assert history_of(client, prefix)[-1] == ("refused", "new-1")
 
@@ -302,14 +289,16 @@ def race(client, tmp_path, prefix, method):
     key = f"{prefix}/latest/pointer.json"
     first, report, _ = finished_run(client, tmp_path, prefix, "first", 0.985)
     first.preflight()
-    promote_run(first, report, Settings(), Log())
+    promote_run(first, report, Settings(), RecordingLog())
     a, a_report, _ = finished_run(client, tmp_path, prefix, "run-a", 0.990)
     a.preflight()
     b, b_report, _ = finished_run(client, tmp_path, prefix, "run-b", 0.981)
     b.preflight()
     promoted_a = {}
-    b.client = Interleave(client, method, key, lambda: promoted_a.update(promote_run(a, a_report, Settings(), Log())))
-    b_log = Log()
+    b.client = Interleave(
+        client, method, key, lambda: promoted_a.update(promote_run(a, a_report, Settings(), RecordingLog()))
+    )
+    b_log = RecordingLog()
     try:
         outcome = promote_run(b, b_report, Settings(), b_log)
     except GateRefused as refused:

@@ -12,7 +12,7 @@ from job.consistency import consistency_term
 from job.logs import get_logger
 from job.train import Hooks, Interrupted, StopFlag, Trainer, train_phase
 from job.vat import entropy_with_logits, lds_loss, marginal_entropy_with_logits
-from tests.support import assert_same_weights, run_phase, small_settings, stop_after, weights
+from tests.support import RecordingLog, assert_same_weights, run_phase, small_settings, stop_after, weights
 
 CPU = torch.device("cpu")
 
@@ -74,26 +74,17 @@ def test_finished_phase_is_not_trained_again(mnist_split, tmp_path):
 
 
 def test_the_loop_reports_every_updates_progress_and_where_a_resume_starts(mnist_split, tmp_path):
-    class Log:
-        def __init__(self):
-            self.events = []
-
-        def info(self, event, **fields):
-            self.events.append((event, fields))
-
-        warning = info
-
     settings = small_settings(log_every_s=1e-9, lr=0.002)  # a progress line after every update
-    log, progress = Log(), []
+    log, progress = RecordingLog(), []
     hooks = Hooks(log=log, on_progress=lambda *args: progress.append(args))
     train_phase("baseline", settings, mnist_split, CPU, tmp_path, StopFlag(), hooks)
     assert [(phase, done, total) for phase, done, total, *_ in progress] == [("baseline", n, 4) for n in (1, 2, 3, 4)]
     assert all(rate > 0 for *_, rate, _, _ in progress)
     assert [lr for *_, lr, _ in progress] == pytest.approx([0.002 * (1 - step / 4) for step in range(4)])
-    assert [event for event, _ in log.events] == ["training_started"]
-    log.events.clear()
+    assert log.events() == ["training_started"]
+    log.records.clear()
     train_phase("baseline", settings, mnist_split, CPU, tmp_path, StopFlag(), hooks)
-    assert log.events == [("resumed", {"phase": "baseline", "step": 4, "of": 4})], "finished: nothing trains again"
+    assert log.records == [("resumed", {"phase": "baseline", "step": 4, "of": 4})], "finished: nothing trains again"
 
 
 def test_resume_with_other_training_settings_is_refused(mnist_split, tmp_path):
