@@ -131,18 +131,19 @@ def checked_url(value: str, schemes: tuple[str, ...] = ("http", "https")) -> str
     if not isinstance(value, str) or not value.strip():
         raise ValueError("must be a URL such as https://host:port/")
     shown = mask(value)
+    bad_port = f"{shown!r} has no valid port (a number from 1 to 65535)"
     try:
         parts = urllib.parse.urlsplit(value)
         port = parts.port
-    except ValueError:
-        raise ValueError(f"{shown!r} has no valid port (a number from 1 to 65535)") from None
+    except ValueError:  # .port refuses a port that is not a number or is above 65535
+        raise ValueError(bad_port) from None
     if parts.scheme.lower() not in schemes or not parts.netloc:
         wanted = " or ".join(f"{s}://" for s in schemes)
         raise ValueError(f"{shown!r} must start with {wanted} and name a host (e.g. {schemes[0]}://host:port/)")
     if not parts.hostname or any(c.isspace() for c in value):
         raise ValueError(f"{shown!r} names no host, or holds spaces")
     if port is not None and not 0 < port < 65536:
-        raise ValueError(f"{shown!r} has no valid port (a number from 1 to 65535)")
+        raise ValueError(bad_port)
     if parts.password is not None and len(parts.password) < MIN_SECRET_LENGTH:
         raise ValueError(f"{shown!r}: a password this short cannot be kept out of the logs; use a longer one")
     return value
