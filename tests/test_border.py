@@ -352,6 +352,9 @@ def test_checked_url_accepts_the_edges(url):
         ("http://:9000/", "names no host, or holds spaces"),
         ("http://ho st/", "names no host, or holds spaces"),
         ("http://h:0/", "has no valid port (a number from 1 to 65535)"),
+        ("http://[::1:9000/", "has a bad [IPv6] host; write it as http://[::1]:9000/"),
+        ("http://[not-an-ip]/", "has a bad [IPv6] host; write it as http://[::1]:9000/"),
+        ("http://[::1]:x/", "has no valid port (a number from 1 to 65535)"),
         ("http://u:ab@h/", "a password this short cannot be kept out of the logs"),
     ],
 )
