@@ -134,8 +134,8 @@ def checked_url(value: str, schemes: tuple[str, ...] = ("http", "https")) -> str
     bad_port = f"{shown!r} has no valid port (a number from 1 to 65535)"
     try:
         parts = urllib.parse.urlsplit(value)
-    except ValueError:  # an unclosed "[" or a bracketed host that is no IP address
-        raise ValueError(f"{shown!r} has a bad [IPv6] host; write it as http://[::1]:9000/") from None
+    except ValueError:  # unbalanced brackets, or a bracketed host that is no IP address
+        raise ValueError(f"{shown!r} has a bad [IPv6] host; write it as {schemes[0]}://[::1]:9000/") from None
     try:
         port = parts.port
     except ValueError:  # .port refuses a port that is not a number or is above 65535

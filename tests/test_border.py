@@ -373,6 +373,8 @@ def test_checked_url_shows_the_url_with_its_password_masked():
 def test_checked_url_names_the_one_scheme_it_wants():
     with pytest.raises(ValueError, match=re.escape("must start with s3:// and name a host (e.g. s3://host:port/)")):
         checked_url("http://h/", schemes=("s3",))
+    with pytest.raises(ValueError, match=re.escape("has a bad [IPv6] host; write it as s3://[::1]:9000/")):
+        checked_url("s3://[::1/", schemes=("s3",))
 
 
 def test_a_report_needs_a_group_name_and_integer_seeds_only_where_it_has_them():
