@@ -32,8 +32,9 @@ class TrainingOptions(BaseModel):
     @model_validator(mode="after")
     def _weight_average_exists(self) -> TrainingOptions:
         ema_decay = getattr(self, "ema_decay", None)  # a field of Settings, which this class is part of
+        unused = unused_options(dict(self))  # a term that is off needs no average, as it needs no target
         for name in ("consistency_targets_from", "vat_targets_from"):
-            if getattr(self, name) == "weight_average" and ema_decay == 0:
+            if getattr(self, name) == "weight_average" and ema_decay == 0 and name not in unused:
                 raise ValueError(f"VAT_{name.upper()}=weight_average needs a weight average: set VAT_EMA_DECAY > 0")
         return self
 

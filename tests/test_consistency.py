@@ -283,6 +283,11 @@ def test_targets_come_from_the_weight_average_in_evaluation_mode(mnist_split, mo
     assert calls == [], "the average's targets are not computed for terms that are off"
     with pytest.raises(ConfigError, match="VAT_VAT_TARGETS_FROM=weight_average needs a weight average"):
         load_settings(env_file=None, vat_targets_from="weight_average", ema_decay=0.0)
+    with pytest.raises(ConfigError, match="VAT_CONSISTENCY_TARGETS_FROM=weight_average needs a weight average"):
+        load_settings(env_file=None, consistency_targets_from="weight_average", consistency_weight=1.0, ema_decay=0.0)
+    # Off, a term needs no target and so no average: its unused setting is not an error (as elsewhere).
+    load_settings(env_file=None, consistency_targets_from="weight_average", ema_decay=0.0)
+    load_settings(env_file=None, vat_targets_from="weight_average", vat_weight=0.0, ema_decay=0.0)
 
 
 def test_with_the_options_off_an_update_draws_and_computes_what_it_did_before_them(mnist_split, monkeypatch):
