@@ -8,7 +8,7 @@
 #     weights beside the average, `last_*`), most promising first, so a deadline that cuts the sweep short still
 #     leaves whole configurations (48 entries, about 306,000 update-equivalents, of which 40,000-60,000 fit:
 #     run it again on later leases with the entries already measured taken out of the plan); between the two, issue
-#     26's screening of the options beyond VAT (15 entries at 3,000 updates on label seeds 1 and 2, `screen26_*`).
+#     26's screening of the options beyond VAT (15 configurations x 2 label seeds at 3,000 updates, `screen26_*`).
 # usage: bench/gpu_session.sh MNIST_RAW_GZ_DIR OUT_DIR      (SMOKE=1: a few steps, to test the script on CPU;
 #        ONLY=screen26_: the sweep trains only the entries whose name starts with it, for a lease of its own: the
 #        speed tables are skipped and the sweep gets 540 s. Issue 26's 30 screen entries are about 140,000
@@ -43,8 +43,8 @@ echo "bench article budget rc=$? $(( $(date +%s) - t0 ))s"; head -16 "$out/bench
 # The process wall time again, now that the file cache is warm (the first run pays for a cold disk).
 timeout 45 python3 bench/bench.py --data-dir $data --profile-steps 0 $article > "$out/bench_article_budget_warm.txt" 2>&1
 echo "bench article budget (warm cache) rc=$? $(( $(date +%s) - t0 ))s"; sed -n 4,12p "$out/bench_article_budget_warm.txt"
-# The default job as users run it (6,000 updates at 1,024 units: about 25 s of VAT at the 4.2 ms per update measured
-# at 100 units, plus start-up; rc 124: it took longer than 90 s).
+# The default job as users run it (6,000 updates at 1,024 units: about 34 s of VAT at 5.65 ms per update, the 4.2 ms
+# measured at 100 units times the wide layer's CPU cost, plus start-up; rc 124: it took longer than 90 s).
 timeout 90 python3 bench/bench.py --data-dir $data --profile-steps 0 $steps > "$out/bench_default_6k.txt" 2>&1
 echo "bench default rc=$? $(( $(date +%s) - t0 ))s"; sed -n 4,12p "$out/bench_default_6k.txt"
 fi

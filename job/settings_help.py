@@ -149,7 +149,7 @@ SECTIONS: dict[str, dict[str, str]] = {
         "consistency_temperature": "Soft targets are softmax(logits / this): below 1 sharper than the prediction",
         "consistency_targets_from": (
             "model (the weights being trained, on the same batch) | weight_average (mean teacher: the VAT_EMA_DECAY "
-            "average, in evaluation mode; needs VAT_EMA_DECAY > 0)"
+            "average, in evaluation mode; needs VAT_EMA_DECAY > 0 when the term is on)"
         ),
         "vat_targets_from": (
             "The clean prediction VAT's perturbed pass must match: model | weight_average (as above; EntMin stays on "

@@ -330,7 +330,7 @@ EVERYTHING_ON = dict(
     "phase, options",
     [
         ("vat", EVERYTHING_ON),
-        # Hard targets with a threshold that keeps some images and drops others, on the other network.
+        # Hard targets on the other network, with a threshold that drops every target at first and keeps some later.
         ("vat", {**EVERYTHING_ON, "model": "conv-small", "consistency_targets": "hard", "consistency_threshold": 0.15}),
         ("baseline", {"labeled_augment": "strong", "model": "conv-small", "baseline_steps": 3}),
     ],
@@ -349,7 +349,7 @@ def test_resumed_with_every_option_on_equals_uninterrupted(mnist_split, tmp_path
         if options["consistency_threshold"] == 0:
             assert all(value > 0 for value in consistency), "the term was on"
         else:  # the young teacher's targets fall below the threshold at first, some pass it after the resume
-            assert consistency[0] == 0 and consistency[-1] > 0, consistency
+            assert consistency[:2] == [0.0, 0.0] and any(value > 0 for value in consistency[2:]), consistency
 
 
 def test_the_article_preset_and_the_default_have_every_option_off():
