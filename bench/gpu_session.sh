@@ -38,15 +38,15 @@ t0=$(date +%s)
 if [ -n "${ONLY:-}" ] && [ "${SMOKE:-0}" != 1 ]; then
   limit=540  # a lease of its own for part of the sweep: no speed tables, the sweep gets their time too
 else
-timeout 120 python3 bench/bench.py --data-dir $data --profile-steps 20 $article > "$out/bench_article_budget.txt" 2>&1
-echo "bench article budget rc=$? $(( $(date +%s) - t0 ))s"; head -16 "$out/bench_article_budget.txt"
-# The process wall time again, now that the file cache is warm (the first run pays for a cold disk).
-timeout 45 python3 bench/bench.py --data-dir $data --profile-steps 0 $article > "$out/bench_article_budget_warm.txt" 2>&1
-echo "bench article budget (warm cache) rc=$? $(( $(date +%s) - t0 ))s"; sed -n 4,12p "$out/bench_article_budget_warm.txt"
-# The default job as users run it (6,000 updates at 1,024 units: about 34 s of VAT at 5.65 ms per update, the 4.2 ms
-# measured at 100 units times the wide layer's CPU cost, plus start-up; rc 124: it took longer than 90 s).
-timeout 90 python3 bench/bench.py --data-dir $data --profile-steps 0 $steps > "$out/bench_default_6k.txt" 2>&1
-echo "bench default rc=$? $(( $(date +%s) - t0 ))s"; sed -n 4,12p "$out/bench_default_6k.txt"
+  timeout 120 python3 bench/bench.py --data-dir $data --profile-steps 20 $article > "$out/bench_article_budget.txt" 2>&1
+  echo "bench article budget rc=$? $(( $(date +%s) - t0 ))s"; head -16 "$out/bench_article_budget.txt"
+  # The process wall time again, now that the file cache is warm (the first run pays for a cold disk).
+  timeout 45 python3 bench/bench.py --data-dir $data --profile-steps 0 $article > "$out/bench_article_budget_warm.txt" 2>&1
+  echo "bench article budget (warm cache) rc=$? $(( $(date +%s) - t0 ))s"; sed -n 4,12p "$out/bench_article_budget_warm.txt"
+  # The default job as users run it (6,000 updates at 1,024 units: about 34 s of VAT at 5.65 ms per update, the 4.2 ms
+  # measured at 100 units times the wide layer's CPU cost, plus start-up; rc 124: it took longer than 90 s).
+  timeout 90 python3 bench/bench.py --data-dir $data --profile-steps 0 $steps > "$out/bench_default_6k.txt" 2>&1
+  echo "bench default rc=$? $(( $(date +%s) - t0 ))s"; sed -n 4,12p "$out/bench_default_6k.txt"
 fi
 
 python3 - "$scale" "${SMOKE:-0}" > /tmp/plan.json <<'EOF'
@@ -93,7 +93,8 @@ candidates = [  # issue 13, most promising first; with EMA every entry also scor
 # once, at 3,000 updates on label seeds 1 and 2 beside the default recipe at the same budget (a screen, not a result:
 # what passes it goes to label seed 3 and the training seeds of the protocol). Seed 2 beside seed 1 because FixMatch
 # gained 0.0046 on seed 1 and lost 0.0076 on seed 2, whose labels lack the crossed 7 (BENCHMARKS.md, issue 26).
-# Strengths are the VAT_STRONG_* defaults unless named. The baselines are trained under the same labelled augmentation as their VAT.
+# Strengths are the VAT_STRONG_* defaults unless named. The baselines are trained under the same labelled
+# augmentation as their VAT.
 fixmatch = {"consistency_weight": 1.0, "consistency_targets": "hard", "consistency_threshold": 0.95}
 uda = {"consistency_weight": 1.0, "consistency_targets": "soft", "consistency_temperature": 0.4,
        "consistency_threshold": 0.8}
@@ -135,13 +136,14 @@ for name, phase, settings in protocol:
     if smoke:
         s.update(unlabeled_batch_size=32, num_unlabeled=2000)
     plan.append({"name": name, "phase": phase, "settings": s})
-for (name, phase, settings), label in ((entry, label) for entry in screening for label in (1, 2)):
-    s = {**settings, "label_split_seed": label, "train_steps": max(3, int(settings["train_steps"] * scale))}
-    s["entmin_rampup_steps"] = max(1, int(s["entmin_rampup_steps"] * scale))
-    if smoke:
-        s.update(unlabeled_batch_size=32, num_unlabeled=2000)
-        s["baseline_steps"] = 5
-    plan.append({"name": f"screen26_{name}_seed{label}", "phase": phase, "settings": s})
+for name, phase, settings in screening:
+    for label in (1, 2):
+        s = {**settings, "label_split_seed": label, "train_steps": max(3, int(settings["train_steps"] * scale))}
+        s["entmin_rampup_steps"] = max(1, int(s["entmin_rampup_steps"] * scale))
+        if smoke:
+            s.update(unlabeled_batch_size=32, num_unlabeled=2000)
+            s["baseline_steps"] = 5
+        plan.append({"name": f"screen26_{name}_seed{label}", "phase": phase, "settings": s})
 for name, settings in candidates:
     for seed in (1, 2, 3):
         s = {**settings, "label_split_seed": seed}
