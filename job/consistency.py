@@ -69,18 +69,20 @@ def consistency_term(
     targets: torch.Tensor,
     mask: torch.Tensor | None,
     settings: Any,
-    device: torch.device,
-) -> torch.Tensor:
-    """The loss of the strongly augmented batch `strong` against the weak view's `targets`. Its pass is a perturbed
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss of the strongly augmented batch `strong` against the weak view's `targets`, and the share of the
+    batch whose target passed the threshold (FixMatch's mask rate: how much of the batch the term trains on; it
+    grows as the model grows sure, and a threshold that keeps nearly nothing shows here). Its pass is a perturbed
     pass like VAT's: BatchNorm's running statistics as VAT_PERTURBED_BN says (frozen: the shipped statistics stay
     those of weakly augmented images), and the clean pass's dropout mask when VAT_DROPOUT_MASKS shares one, so that
     the two predictions differ by the augmentation, not by the units dropped."""
-    with running_stats_frozen(model, settings.perturbed_bn == "frozen"), autocast(device, settings.amp):
+    with running_stats_frozen(model, settings.perturbed_bn == "frozen"), autocast(strong.device, settings.amp):
         logits = model(strong, mask)
-    return consistency_loss(
+    loss = consistency_loss(
         logits,
         targets,
         mode=settings.consistency_targets,
         threshold=settings.consistency_threshold,
         temperature=settings.consistency_temperature,
     )
+    return loss, confident(targets.detach(), settings.consistency_threshold).mean()

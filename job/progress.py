@@ -27,7 +27,7 @@ class Progress:
         self.log = log
         self.steps = {"baseline": settings.baseline_steps, "vat": settings.train_steps}
         vat_terms = [("lds", settings.vat_weight), ("entropy", settings.entmin_weight + settings.balance_weight)]
-        vat_terms.append(("consistency", settings.consistency_weight))
+        vat_terms += [("consistency", settings.consistency_weight), ("confident", settings.consistency_weight)]
         self.terms = {"baseline": ["cross_entropy"], "vat": ["cross_entropy", *(t for t, w in vat_terms if w > 0)]}
         self.vat_cost = 1 + UNLABELED_COST * settings.unlabeled_batch_size / settings.labeled_batch_size
 

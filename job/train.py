@@ -43,7 +43,7 @@ from job.stop import Interrupted, StopFlag
 from job.training_options import takes_weight_average_targets
 from job.vat import entropy_with_logits, lds_loss, marginal_entropy_with_logits
 
-LOSS_NAMES = ("cross_entropy", "lds", "entropy", "consistency")
+HISTORY_NAMES = ("cross_entropy", "lds", "entropy", "consistency", "confident")  # the last: job/consistency.py
 
 
 @dataclass
@@ -68,7 +68,7 @@ class Hooks:
 
 
 class Trainer:
-    """Holds a phase's model, optimiser and data; `update()` performs one training step and returns its losses."""
+    """Holds a phase's model, optimiser and data; `update()` performs one step and returns its HISTORY_NAMES."""
 
     def __init__(self, phase: str, settings: Any, data: MnistSplit, device: torch.device) -> None:
         self.phase, self.s, self.data, self.device = phase, settings, data, device
@@ -112,7 +112,7 @@ class Trainer:
         ce = self._labeled_loss()
         self._backward(ce)
         self._step()
-        return torch.cat([ce.detach().view(1), ce.new_zeros(len(LOSS_NAMES) - 1)])
+        return torch.cat([ce.detach().view(1), ce.new_zeros(len(HISTORY_NAMES) - 1)])
 
     def vat_losses(self) -> torch.Tensor:
         s, model = self.s, self.model
@@ -144,7 +144,7 @@ class Trainer:
         if self.teacher_needed:
             with full_precision(self.device):
                 targets["weight_average"] = targets_from_weight_average(self.ema.module, xu)
-        lds = consistency = torch.zeros((), device=self.device)  # what a term that is off adds
+        lds = consistency = confident = torch.zeros((), device=self.device)  # what a term that is off adds
         if s.vat_weight:  # VAT_VAT_WEIGHT=0: consistency alone (FixMatch, UDA), without VAT's two passes
             with running_stats_frozen(model, s.perturbed_bn == "frozen"):
                 lds = lds_loss(
@@ -161,10 +161,10 @@ class Trainer:
             self._backward(s.vat_weight * lds)
         if s.consistency_weight:
             strong = strongly_augmented(self.data.train_images[unlabeled], self.strong)  # the same images
-            consistency = consistency_term(model, strong, targets[s.consistency_targets_from], mask, s, self.device)
+            consistency, confident = consistency_term(model, strong, targets[s.consistency_targets_from], mask, s)
             self._backward(s.consistency_weight * consistency)
         self._step()
-        return torch.stack([ce.detach(), lds.detach(), entropy.detach(), consistency.detach()])
+        return torch.stack([ce.detach(), lds.detach(), entropy.detach(), consistency.detach(), confident])
 
     def _backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
@@ -242,7 +242,7 @@ def _train_phase(
 ) -> PhaseResult:
     trainer = Trainer(phase, settings, data, device)
     total, log = trainer.total_steps, hooks.log
-    history = torch.zeros(total, len(LOSS_NAMES), device=device)
+    history = torch.zeros(total, len(HISTORY_NAMES), device=device)
     start, seconds, resumed_from = 0, 0.0, None
 
     saved = latest_intact_checkpoint(folder, hooks.on_corrupt, (phase, trainer.model.state_dict(), settings))
@@ -277,7 +277,7 @@ def _train_phase(
             raise Interrupted(phase, done, path)
         if now - last_log >= settings.log_every_s:
             rate = (done - last_logged_step) / (now - last_log)
-            losses = dict(zip(LOSS_NAMES, history[step].tolist(), strict=True))
+            losses = dict(zip(HISTORY_NAMES, history[step].tolist(), strict=True))
             hooks.on_progress(phase, done, total, rate, lr_at(step, total, settings.lr, settings.lr_decay), losses)
             last_log, last_logged_step = now, done
     if device.type == "cuda":
@@ -300,7 +300,7 @@ def _train_phase(
         last_weights=trainer.model,
         steps=total,
         train_seconds=round(seconds, 3),
-        history={name: column.tolist() for name, column in zip(LOSS_NAMES, history.cpu().T, strict=True)},
+        history={name: column.tolist() for name, column in zip(HISTORY_NAMES, history.cpu().T, strict=True)},
         resumed_from=resumed_from,
     )
 

@@ -14,7 +14,7 @@ from job.data import as_float_batch
 from job.model import ConvSmall, build_model, exported, model_from_record, model_record
 from job.presets import ARTICLE_PRESET, IMPLICIT_BEFORE_ADDED
 from job.settings import ConfigError, Settings, load_settings
-from job.train import Interrupted, Trainer
+from job.train import HISTORY_NAMES, Interrupted, Trainer
 from job.training_options import TrainingOptions
 from tests.support import assert_same_weights, run_phase, small_settings, stop_after, weights
 
@@ -312,6 +312,29 @@ def test_consistency_alone_skips_vats_passes(mnist_split, monkeypatch):
     assert losses[1] == 0 and losses[3] > 0
 
 
+def test_an_update_records_the_share_of_targets_the_threshold_keeps(mnist_split):
+    """The history's `confident` column is the mask rate a FixMatch user watches: all at threshold 0, none at 1,
+    and 0 while the term is off."""
+    shares = {}
+    for threshold in (0.0, 0.5, 1.0):
+        s = small_settings(consistency_weight=1.0, consistency_threshold=threshold, hidden_units=24)
+        trainer = Trainer("vat", s, mnist_split, CPU)
+        trainer.model.train()
+        shares[threshold] = trainer.update(0)[HISTORY_NAMES.index("confident")].item()
+    assert shares[0.0] == 1.0 and shares[1.0] == 0.0 and 0.0 <= shares[0.5] <= 1.0
+    trainer = Trainer("vat", small_settings(hidden_units=24), mnist_split, CPU)
+    trainer.model.train()
+    assert trainer.update(0)[HISTORY_NAMES.index("confident")] == 0
+
+
+def test_progress_lines_show_the_consistency_term_and_its_confident_share_only_when_it_is_on():
+    from job.progress import Progress
+
+    assert not {"consistency", "confident"} & set(Progress(small_settings(), None).terms["vat"])
+    on = Progress(small_settings(consistency_weight=1.0), None).terms["vat"]
+    assert {"consistency", "confident"} <= set(on)
+
+
 EVERYTHING_ON = dict(
     labeled_augment="strong",
     consistency_weight=1.0,
@@ -343,13 +366,14 @@ def test_resumed_with_every_option_on_equals_uninterrupted(mnist_split, tmp_path
     resumed = run_phase(phase, s, mnist_split, tmp_path / "resumed")
     assert resumed.resumed_from == 2
     assert_same_weights(weights(straight.model), weights(resumed.model))
-    assert straight.history == resumed.history
+    assert straight.history == resumed.history, "the losses and the confident share"
     if phase == "vat":
         consistency = straight.history["consistency"]
         if options["consistency_threshold"] == 0:
             assert all(value > 0 for value in consistency), "the term was on"
         else:  # the young teacher's targets fall below the threshold at first, some pass it after the resume
             assert consistency[:2] == [0.0, 0.0] and any(value > 0 for value in consistency[2:]), consistency
+        assert [c > 0 for c in consistency] == [share > 0 for share in straight.history["confident"]]
 
 
 def test_the_article_preset_and_the_default_have_every_option_off():
@@ -392,7 +416,7 @@ def test_a_resume_across_a_changed_option_is_refused_and_old_checkpoints_count_a
     with pytest.raises(ResumeMismatch, match="VAT_CONSISTENCY_WEIGHT was 0.0, now 0.5"):
         run_phase("vat", small_settings(**quick, **{"consistency_weight": 0.5}), mnist_split, tmp_path)
     resumed = run_phase("vat", small_settings(**quick), mnist_split, tmp_path)
-    assert resumed.resumed_from == 2 and resumed.history["consistency"] == [0.0, 0.0]
+    assert resumed.resumed_from == 2 and resumed.history["consistency"] == resumed.history["confident"] == [0.0, 0.0]
 
 
 def test_an_option_the_run_does_not_use_neither_refuses_a_resume_nor_splits_a_collect_group(mnist_split, tmp_path):
