@@ -89,9 +89,12 @@ def main() -> None:
                 "seeded_test_recall_per_class": [
                     round(metrics["seeded_test"]["classification_report"][str(c)]["recall"], 3) for c in range(10)
                 ],
-                "final_losses": {k: round(v[-1], 5) for k, v in result.history.items() if v},
+                "final_losses": {k: round(v[-1], 5) for k, v in result.history.items() if v and k != "confident"},
                 "device": str(device),
             }
+            if s.consistency_weight and entry["phase"] == "vat":  # the mask rate over the last 100 updates
+                tail = result.history["confident"][-100:]
+                line["confident_share_last100"] = round(sum(tail) / len(tail), 4)
             if result.model is not result.last_weights:  # VAT_EMA_DECAY: the last weights, scored for comparison
                 result.last_weights.eval()
                 line.update(scores(evaluate(result.last_weights, split, s.eval_batch_size), prefix="last_"))

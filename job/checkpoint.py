@@ -183,6 +183,22 @@ def latest_intact_checkpoint(
     return None
 
 
+# The columns of a checkpoint's history, one row per update: the four loss terms, then the share of the consistency
+# targets that passed VAT_CONSISTENCY_THRESHOLD (job/consistency.py). A checkpoint from before a column has fewer.
+HISTORY_NAMES = ("cross_entropy", "lds", "entropy", "consistency", "confident")
+
+
+def widened_history(old: torch.Tensor, consistency_on: bool) -> torch.Tensor:
+    """A history from before a column, in today's columns. A loss term added since was off in it (a resume across a
+    changed option is refused), so it is 0; the confident share was not recorded, so with consistency on it is NaN
+    rather than a 0 that would say the threshold kept nothing."""
+    wide = torch.zeros(len(old), len(HISTORY_NAMES), dtype=old.dtype)
+    wide[:, : old.shape[1]] = old
+    if consistency_on and old.shape[1] <= HISTORY_NAMES.index("confident"):
+        wide[:, HISTORY_NAMES.index("confident")] = float("nan")
+    return wide
+
+
 RESUME_KEYS = ("phase", "step", "model", "optimizer", "scaler", "rng_cpu", "history", "train_seconds", "settings")
 
 
@@ -213,5 +229,9 @@ def check_consistent(
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise CheckpointError(f"{path}: {name} holds non-finite values")
     history = state["history"]
-    if not isinstance(history, torch.Tensor) or history.shape[0] != step:
+    if not isinstance(history, torch.Tensor) or history.ndim != 2 or history.shape[0] != step:
         raise CheckpointError(f"{path}: its loss history does not have {step} rows")
+    if history.shape[1] > len(HISTORY_NAMES):  # written by a later version of the job
+        raise CheckpointError(
+            f"{path}: its history has {history.shape[1]} columns, this job knows {len(HISTORY_NAMES)}"
+        )

@@ -72,7 +72,8 @@ def consistency_term(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss of the strongly augmented batch `strong` against the weak view's `targets`, and the share of the
     batch whose target passed the threshold (FixMatch's mask rate: how much of the batch the term trains on; it
-    grows as the model grows sure, and a threshold that keeps nearly nothing shows here). Its pass is a perturbed
+    grows as the target's model, the trained one or its average, grows sure, and a threshold that keeps nearly
+    nothing shows here). Its pass is a perturbed
     pass like VAT's: BatchNorm's running statistics as VAT_PERTURBED_BN says (frozen: the shipped statistics stay
     those of weakly augmented images), and the clean pass's dropout mask when VAT_DROPOUT_MASKS shares one, so that
     the two predictions differ by the augmentation, not by the units dropped."""

@@ -1,6 +1,6 @@
 """What a person watching the job sees: progress lines that lead with phase, step/of and percent, the whole job's
-remaining time, and only the losses the phase trains; and the summary a run ends with (job.report writes the same
-numbers into report.json and summary.md)."""
+remaining time, and only the losses the phase trains (with consistency, also the share of targets it keeps); and
+the summary a run ends with (job.report writes the same numbers into report.json and summary.md)."""
 
 from __future__ import annotations
 

@@ -28,11 +28,13 @@ from torch.nn import functional as F
 
 from job.augment import StrongAugmentation, drawn, strongly_augmented, training_batch
 from job.checkpoint import (
+    HISTORY_NAMES,
     checkpoint_name,
     latest_intact_checkpoint,
     prune_checkpoints,
     save_checkpoint,
     training_settings,
+    widened_history,
 )
 from job.consistency import consistency_term, targets_from_weight_average
 from job.data import MnistSplit, as_float_batch
@@ -42,8 +44,6 @@ from job.schedules import entmin_weight_at, lr_at
 from job.stop import Interrupted, StopFlag
 from job.training_options import takes_weight_average_targets
 from job.vat import entropy_with_logits, lds_loss, marginal_entropy_with_logits
-
-HISTORY_NAMES = ("cross_entropy", "lds", "entropy", "consistency", "confident")  # the last: job/consistency.py
 
 
 @dataclass
@@ -248,7 +248,7 @@ def _train_phase(
     saved = latest_intact_checkpoint(folder, hooks.on_corrupt, (phase, trainer.model.state_dict(), settings))
     if saved is not None:
         start, old_history, seconds = trainer.restore(saved)
-        history[:start, : old_history.shape[1]] = old_history.to(device)  # fewer columns: from before a term
+        history[:start] = widened_history(old_history, settings.consistency_weight > 0).to(device)
         resumed_from = start
         log.info("resumed", phase=phase, step=start, of=total)
 

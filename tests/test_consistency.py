@@ -8,13 +8,21 @@ import torch
 from torch.nn import functional as F
 
 from job.augment import StrongAugmentation, cut_out, strongly_augmented, warped
-from job.checkpoint import TRAINING_FIELDS, ResumeMismatch, load_checkpoint, save_checkpoint
-from job.consistency import confident, consistency_loss, sharpened
+from job.checkpoint import (
+    HISTORY_NAMES,
+    TRAINING_FIELDS,
+    ResumeMismatch,
+    checkpoint_name,
+    latest_intact_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from job.consistency import confident, consistency_loss, consistency_term, sharpened
 from job.data import as_float_batch
 from job.model import ConvSmall, build_model, exported, model_from_record, model_record
 from job.presets import ARTICLE_PRESET, IMPLICIT_BEFORE_ADDED
 from job.settings import ConfigError, Settings, load_settings
-from job.train import HISTORY_NAMES, Interrupted, Trainer
+from job.train import Interrupted, Trainer
 from job.training_options import TrainingOptions
 from tests.support import assert_same_weights, run_phase, small_settings, stop_after, weights
 
@@ -312,16 +320,20 @@ def test_consistency_alone_skips_vats_passes(mnist_split, monkeypatch):
     assert losses[1] == 0 and losses[3] > 0
 
 
-def test_an_update_records_the_share_of_targets_the_threshold_keeps(mnist_split):
+def test_an_update_records_the_share_of_targets_the_threshold_keeps(mnist_split, monkeypatch):
     """The history's `confident` column is the mask rate a FixMatch user watches: all at threshold 0, none at 1,
     and 0 while the term is off."""
-    shares = {}
+    import job.train as train_module
+
+    targets, shares = [], {}
+    monkeypatch.setattr(train_module, "consistency_term", lambda *a: targets.append(a[2]) or consistency_term(*a))
     for threshold in (0.0, 0.5, 1.0):
         s = small_settings(consistency_weight=1.0, consistency_threshold=threshold, hidden_units=24)
         trainer = Trainer("vat", s, mnist_split, CPU)
         trainer.model.train()
         shares[threshold] = trainer.update(0)[HISTORY_NAMES.index("confident")].item()
-    assert shares[0.0] == 1.0 and shares[1.0] == 0.0 and 0.0 <= shares[0.5] <= 1.0
+        assert shares[threshold] == confident(targets[-1], threshold).mean().item(), "the mask the loss used"
+    assert shares[0.0] == 1.0 and shares[1.0] == 0.0
     trainer = Trainer("vat", small_settings(hidden_units=24), mnist_split, CPU)
     trainer.model.train()
     assert trainer.update(0)[HISTORY_NAMES.index("confident")] == 0
@@ -330,9 +342,15 @@ def test_an_update_records_the_share_of_targets_the_threshold_keeps(mnist_split)
 def test_progress_lines_show_the_consistency_term_and_its_confident_share_only_when_it_is_on():
     from job.progress import Progress
 
-    assert not {"consistency", "confident"} & set(Progress(small_settings(), None).terms["vat"])
-    on = Progress(small_settings(consistency_weight=1.0), None).terms["vat"]
-    assert {"consistency", "confident"} <= set(on)
+    class Log:
+        def info(self, event, **fields):
+            lines.append(fields)
+
+    lines = []
+    losses = dict.fromkeys(HISTORY_NAMES, 0.5)
+    for weight in (0.0, 1.0):
+        Progress(small_settings(consistency_weight=weight), Log())("vat", 10, 100, 2.0, 1e-3, losses)
+    assert not {"consistency", "confident"} & set(lines[0]) and {"consistency", "confident"} <= set(lines[1])
 
 
 EVERYTHING_ON = dict(
@@ -417,6 +435,33 @@ def test_a_resume_across_a_changed_option_is_refused_and_old_checkpoints_count_a
         run_phase("vat", small_settings(**quick, **{"consistency_weight": 0.5}), mnist_split, tmp_path)
     resumed = run_phase("vat", small_settings(**quick), mnist_split, tmp_path)
     assert resumed.resumed_from == 2 and resumed.history["consistency"] == resumed.history["confident"] == [0.0, 0.0]
+
+
+def test_a_checkpoint_from_before_the_confident_column_resumes_with_its_share_unknown_not_zero(mnist_split, tmp_path):
+    quick = dict(train_steps=4, checkpoint_every=2, hidden_units=24, consistency_weight=1.0, consistency_threshold=0.0)
+    with pytest.raises(Interrupted):
+        run_phase("vat", small_settings(**quick), mnist_split, tmp_path, stop=stop_after(2))
+    for path in tmp_path.glob("checkpoint-*.pt"):  # as written before the column: four losses, consistency on
+        state = load_checkpoint(path)
+        state["history"] = state["history"][:, :4]
+        save_checkpoint(path, state)
+    resumed = run_phase("vat", small_settings(**quick), mnist_split, tmp_path)
+    share = resumed.history["confident"]
+    assert resumed.resumed_from == 2 and all(math.isnan(v) for v in share[:2]) and share[2:] == [1.0, 1.0], share
+    assert all(v > 0 for v in resumed.history["consistency"]), "the losses the checkpoint kept"
+
+
+def test_a_checkpoint_with_more_history_columns_than_this_job_knows_is_skipped_as_unreadable(mnist_split, tmp_path):
+    s = small_settings(train_steps=2, checkpoint_every=1, hidden_units=24)
+    run_phase("vat", s, mnist_split, tmp_path)
+    newest = tmp_path / checkpoint_name(2)
+    state = load_checkpoint(newest)
+    state["history"] = torch.cat([state["history"], state["history"][:, :1]], dim=1)
+    save_checkpoint(newest, state)
+    skipped = []
+    expected = ("vat", Trainer("vat", s, mnist_split, CPU).model.state_dict(), s)
+    state = latest_intact_checkpoint(tmp_path, lambda path, error: skipped.append((path, str(error))), expected)
+    assert state["step"] == 1 and skipped[0][0] == newest and "6 columns, this job knows 5" in skipped[0][1]
 
 
 def test_an_option_the_run_does_not_use_neither_refuses_a_resume_nor_splits_a_collect_group(mnist_split, tmp_path):

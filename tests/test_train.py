@@ -337,7 +337,7 @@ def test_an_update_hands_each_term_its_settings_and_the_clean_prediction(mnist_s
     monkeypatch.setattr(job.train, "lds_loss", lds_spy)
     monkeypatch.setattr(trainer, "_backward", lambda loss: (losses.append(loss.detach()), backward(loss)))
     trainer.model.register_forward_hook(lambda _, args, out: clean.append(out.detach()) if len(args[0]) == 32 else None)
-    ce, lds, entropy, _ = trainer.update(5)
+    ce, lds, entropy, *_ = trainer.update(5)
     x, clean_logits, options = calls["lds"]
     assert len(x) == 32 and torch.equal(clean_logits.detach(), clean[0]) and options["target_logits"] is clean_logits
     assert {k: options[k] for k in ("epsilon", "epsilon_scaling", "xi", "power_iterations")} == {
@@ -385,9 +385,9 @@ def test_the_consistency_term_gets_a_strong_view_of_the_same_images_and_the_upda
     trainer = Trainer("vat", small_settings(consistency_weight=0.5, vat_weight=0.0), mnist_split, CPU)
     calls, batches, masks, losses = [], [], [], []
 
-    def term_spy(model, strong, targets, mask, settings, device):
+    def term_spy(model, strong, targets, mask, settings):
         calls.append((strong, targets, mask))
-        return consistency_term(model, strong, targets, mask, settings, device)
+        return consistency_term(model, strong, targets, mask, settings)
 
     def augment_spy(images, strength):
         calls.append((images, strongly_augmented(images, strength)))
