@@ -24,7 +24,7 @@ from job.presets import ARTICLE_PRESET, IMPLICIT_BEFORE_ADDED
 from job.settings import ConfigError, Settings, load_settings
 from job.train import Interrupted, Trainer
 from job.training_options import TrainingOptions
-from tests.support import assert_same_weights, run_phase, small_settings, stop_after, weights
+from tests.support import RecordingLog, assert_same_weights, run_phase, small_settings, stop_after, weights
 
 CPU = torch.device("cpu")
 NONE = StrongAugmentation(translate_px=0, rotate_deg=0, shear_deg=0, scale=0, elastic_px=0, cutout_px=0)
@@ -342,15 +342,12 @@ def test_an_update_records_the_share_of_targets_the_threshold_keeps(mnist_split,
 def test_progress_lines_show_the_consistency_term_and_its_confident_share_only_when_it_is_on():
     from job.progress import Progress
 
-    class Log:
-        def info(self, event, **fields):
-            lines.append(fields)
-
-    lines = []
     losses = dict.fromkeys(HISTORY_NAMES, 0.5)
+    log = RecordingLog()
     for weight in (0.0, 1.0):
-        Progress(small_settings(consistency_weight=weight), Log())("vat", 10, 100, 2.0, 1e-3, losses)
-    assert not {"consistency", "confident"} & set(lines[0]) and {"consistency", "confident"} <= set(lines[1])
+        Progress(small_settings(consistency_weight=weight), log)("vat", 10, 100, 2.0, 1e-3, losses)
+    (_, off), (_, on) = log.records
+    assert not {"consistency", "confident"} & set(off) and {"consistency", "confident"} <= set(on)
 
 
 EVERYTHING_ON = dict(
