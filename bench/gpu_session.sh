@@ -114,7 +114,7 @@ screening = [
                                                 "strong_elastic_px": 2.0, "strong_cutout_px": 12}),
     # Cutout can erase what tells a digit apart (a 7's bar, the top of a 1: "i"); without it:
     ("fixmatch_no_cutout", "vat", {**wide, **fixmatch, "strong_cutout_px": 0}),
-    # Seed 2's labels hold 6 plain 7s and 11 2s, some Z-shaped: FixMatch reads crossed 7s as 2; the class-balance
+    # Seed 2's labels hold 6 plain 7s and 11 2s, five drawn like a Z: FixMatch reads crossed 7s as 2; the class-balance
     # term (the batch's mean prediction kept spread) pushes back against one class swallowing another's style:
     ("fixmatch_balance", "vat", {**wide, **fixmatch, "balance_weight": 1.0}),
     ("vat_target_teacher", "vat", {**wide, "vat_targets_from": "weight_average"}),
