@@ -117,6 +117,9 @@ screening = [
     # Seed 2's labels hold 6 plain 7s and 11 2s, five drawn like a Z: FixMatch reads crossed 7s as 2; the class-balance
     # term (the batch's mean prediction kept spread) pushes back against one class swallowing another's style:
     ("fixmatch_balance", "vat", {**wide, **fixmatch, "balance_weight": 1.0}),
+    # Every consistency variant takes seed 2's crossed 7s to the 2s, VAT alone does not: the term ramped in over
+    # the first half, so that its targets come from a model VAT has shaped:
+    ("fixmatch_ramp", "vat", {**wide, **fixmatch, "consistency_rampup_steps": 1500}),
     ("vat_target_teacher", "vat", {**wide, "vat_targets_from": "weight_average"}),
     ("conv_small", "vat", {**wide, "model": "conv-small"}),
     ("conv_small_fixmatch_teacher_labelled_strong", "vat",
@@ -143,6 +146,8 @@ for name, phase, settings in screening:
     for label in (1, 2):
         s = {**settings, "label_split_seed": label, "train_steps": max(3, int(settings["train_steps"] * scale))}
         s["entmin_rampup_steps"] = max(1, int(s["entmin_rampup_steps"] * scale))
+        if "consistency_rampup_steps" in s:
+            s["consistency_rampup_steps"] = max(1, int(s["consistency_rampup_steps"] * scale))
         if smoke:
             s.update(unlabeled_batch_size=32, num_unlabeled=2000)
             s["baseline_steps"] = 5

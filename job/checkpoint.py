@@ -84,6 +84,7 @@ TRAINING_FIELDS = {
         "consistency_threshold",
         "consistency_temperature",
         "consistency_targets_from",
+        "consistency_rampup_steps",
         "vat_targets_from",
         *_NETWORK_AND_AUGMENTATION,
     ),

@@ -6,7 +6,7 @@ the same image (job/augment.py) is trained to match it.
 - soft (UDA, Xie et al. 2020): KL divergence from the target sharpened with a temperature.
 Both keep only the images whose target is confident (its top probability at least the threshold) and average over
 the whole batch, a dropped image counting 0, as FixMatch does: the term grows as the model grows sure, which
-stands in for a ramp of its weight.
+stands in for a ramp of its weight (VAT_CONSISTENCY_RAMPUP_STEPS adds a real one: job/schedules.py).
 
 The target comes from the weights being trained, or from their weight average (`targets_from_weight_average`).
 """

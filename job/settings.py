@@ -20,13 +20,12 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, Settin
 
 from job.presets import PRESETS
 from job.runid import RUN_ID_PATTERN, cronjob_group, generate_run_id, kubernetes_run_id
-from job.training_options import TrainingOptions
+from job.training_options import MAX_STEPS, TrainingOptions
 from job.untrusted import BOTO3_ENDPOINTS, MAX_DRIFT_WINDOW, checked_url, mask, register_environment_secrets
 
 ENV_PREFIX = "VAT_"
 
 URL_SETTINGS = ("mnist_mirrors", "s3_endpoint_url", "pushgateway_url")  # their passwords are masked everywhere
-MAX_STEPS = 10_000_000  # 10M updates: days on an H200; a larger number is a typo, not a plan
 UNKNOWN_SETTING = "unknown setting (a typo?); the settings are listed in .env.example"
 
 

@@ -151,6 +151,10 @@ SECTIONS: dict[str, dict[str, str]] = {
             "model (the weights being trained, on the same batch) | weight_average (mean teacher: the VAT_EMA_DECAY "
             "average, in evaluation mode; needs VAT_EMA_DECAY > 0 when the term is on)"
         ),
+        "consistency_rampup_steps": (
+            "The consistency term's weight rises linearly from 0 to VAT_CONSISTENCY_WEIGHT over this many VAT updates,"
+            " so that its targets come from a model VAT has already shaped (0: full weight at once, as FixMatch)"
+        ),
         "vat_targets_from": (
             "The clean prediction VAT's perturbed pass must match: model | weight_average (as above; EntMin stays on "
             "the model's own prediction)"

@@ -40,7 +40,7 @@ from job.consistency import consistency_term, targets_from_weight_average
 from job.data import MnistSplit, as_float_batch
 from job.device import GraphedUpdate, autocast, full_precision, host_memory_reused
 from job.model import DROPOUT_P, build_model, model_record, running_stats_frozen, weight_average
-from job.schedules import entmin_weight_at, lr_at
+from job.schedules import lr_at, ramped_weights
 from job.stop import Interrupted, StopFlag
 from job.training_options import takes_weight_average_targets
 from job.vat import entropy_with_logits, lds_loss, marginal_entropy_with_logits
@@ -81,8 +81,10 @@ class Trainer:
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=lr, **({"fused": True, "capturable": True} if use_graphs else {})
         )
-        # Scalars that change from update to update live on the device under CUDA graphs (a replay reads them).
-        self.entmin_scale: float | torch.Tensor = torch.zeros((), device=device) if use_graphs else 0.0
+        # The ramped weights change from update to update: on the device under CUDA graphs (a replay reads them).
+        self.ramped = {
+            term: torch.zeros((), device=device) if use_graphs else 0.0 for term in ("entmin", "consistency")
+        }
         self.scaler = torch.amp.GradScaler(device.type, enabled=settings.amp == "fp16")
         self.graphed = GraphedUpdate() if use_graphs else None
         self.ema = weight_average(self.model, settings.ema_decay) if phase == "vat" and settings.ema_decay else None
@@ -139,7 +141,7 @@ class Trainer:
         if clean_logits.requires_grad:
             entropy = entropy_with_logits(clean_logits)
             balance = marginal_entropy_with_logits(clean_logits)  # maximised: the batch's classes stay spread
-            self._backward(self.entmin_scale * entropy - s.balance_weight * balance)
+            self._backward(self.ramped["entmin"] * entropy - s.balance_weight * balance)
         targets = {"model": clean_logits}  # EntMin's term above stays the model's own
         if self.teacher_needed:
             with full_precision(self.device):
@@ -162,7 +164,7 @@ class Trainer:
         if s.consistency_weight:
             strong = strongly_augmented(self.data.train_images[unlabeled], self.strong)  # the same images
             consistency, confident = consistency_term(model, strong, targets[s.consistency_targets_from], mask, s)
-            self._backward(s.consistency_weight * consistency)
+            self._backward(self.ramped["consistency"] * consistency)
         self._step()
         return torch.stack([ce.detach(), lds.detach(), entropy.detach(), consistency.detach(), confident])
 
@@ -182,11 +184,9 @@ class Trainer:
                 group["lr"].fill_(lr)
             else:
                 group["lr"] = lr
-        entmin = entmin_weight_at(step, self.s.entmin_weight, self.s.entmin_rampup_steps)
-        if isinstance(self.entmin_scale, torch.Tensor):
-            self.entmin_scale.fill_(entmin)
-        else:
-            self.entmin_scale = entmin
+        for term, weight in ramped_weights(step, self.s).items():
+            held = self.ramped[term]
+            self.ramped[term] = held.fill_(weight) if isinstance(held, torch.Tensor) else weight
         compute = self.baseline_losses if self.phase == "baseline" else self.vat_losses
         if self.graphed is None or self.graphed.failed:
             self.optimizer.zero_grad(set_to_none=True)

@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+MAX_STEPS = 10_000_000  # 10M updates: days on an H200; a larger number is a typo, not a plan
+
 
 class TrainingOptions(BaseModel):
     model: Literal["article", "conv-small"] = "article"
@@ -21,6 +23,7 @@ class TrainingOptions(BaseModel):
     consistency_threshold: float = Field(default=0.95, ge=0, le=1)
     consistency_temperature: float = Field(default=0.4, gt=0, le=10)
     consistency_targets_from: Literal["model", "weight_average"] = "model"
+    consistency_rampup_steps: int = Field(default=0, ge=0, le=MAX_STEPS)
     vat_targets_from: Literal["model", "weight_average"] = "model"
     strong_translate_px: int = Field(default=3, ge=0, le=8)
     strong_rotate_deg: float = Field(default=20.0, ge=0, le=90)
@@ -47,6 +50,7 @@ _CONSISTENCY_DETAILS = (
     "consistency_threshold",
     "consistency_temperature",
     "consistency_targets_from",
+    "consistency_rampup_steps",
 )
 _STRONG_TRANSFORM = tuple(name for name in TrainingOptions.model_fields if name.startswith("strong_"))
 

@@ -21,6 +21,7 @@ from job.consistency import confident, consistency_loss, consistency_term, sharp
 from job.data import as_float_batch
 from job.model import ConvSmall, build_model, exported, model_from_record, model_record
 from job.presets import ARTICLE_PRESET, IMPLICIT_BEFORE_ADDED
+from job.schedules import ramped_weights
 from job.settings import ConfigError, Settings, load_settings
 from job.train import Interrupted, Trainer
 from job.training_options import TrainingOptions
@@ -339,6 +340,23 @@ def test_an_update_records_the_share_of_targets_the_threshold_keeps(mnist_split,
     assert trainer.update(0)[HISTORY_NAMES.index("confident")] == 0
 
 
+def test_the_consistency_term_ramps_up_and_at_the_start_of_its_ramp_changes_nothing(mnist_split):
+    def weights_after_one_update(step: int, **options) -> dict[str, torch.Tensor]:
+        trainer = Trainer(
+            "vat", small_settings(hidden_units=24, consistency_threshold=0.0, **options), mnist_split, CPU
+        )
+        trainer.update(step)
+        return weights(trainer.model)
+
+    ramped = dict(consistency_weight=2.0, consistency_rampup_steps=4)
+    assert ramped_weights(2, small_settings(**ramped))["consistency"] == 1.0
+    assert_same_weights(weights_after_one_update(0, **ramped), weights_after_one_update(0, consistency_weight=0.0))
+    assert_same_weights(weights_after_one_update(2, **ramped), weights_after_one_update(2, consistency_weight=1.0))
+    assert_same_weights(weights_after_one_update(5, **ramped), weights_after_one_update(5, consistency_weight=2.0))
+    unramped = weights_after_one_update(2, consistency_weight=2.0)
+    assert any(not torch.equal(unramped[k], v) for k, v in weights_after_one_update(2, **ramped).items())
+
+
 def test_progress_lines_show_the_consistency_term_and_its_confident_share_only_when_it_is_on():
     from job.progress import Progress
 
@@ -359,6 +377,7 @@ EVERYTHING_ON = dict(
     vat_targets_from="weight_average",
     ema_decay=0.9,
     entmin_weight=1.0,
+    consistency_rampup_steps=4,  # a resume after update 2 continues the ramp where it was
     hidden_units=24,
 )
 

@@ -262,10 +262,10 @@ def test_atomic_save_leaves_old_file_when_writing_fails(tmp_path):
 
 @pytest.mark.slow  # trains several phases: tens of seconds
 def test_entmin_weight_ramps_up_linearly_and_a_resumed_run_continues_the_ramp(mnist_split, tmp_path):
-    from job.train import entmin_weight_at
+    from job.schedules import ramped_weight
 
-    assert [entmin_weight_at(step, 0.5, 4) for step in (0, 1, 2, 4, 9)] == [0.0, 0.125, 0.25, 0.5, 0.5]
-    assert entmin_weight_at(0, 0.5, 0) == 0.5
+    assert [ramped_weight(step, 0.5, 4) for step in (0, 1, 2, 4, 9)] == [0.0, 0.125, 0.25, 0.5, 0.5]
+    assert ramped_weight(0, 0.5, 0) == 0.5
     s = small_settings(entmin_weight=1.0, entmin_rampup_steps=4, checkpoint_every=100)
     straight = run_phase("vat", s, mnist_split, tmp_path / "straight")
     with pytest.raises(Interrupted):
@@ -346,8 +346,8 @@ def test_an_update_hands_each_term_its_settings_and_the_clean_prediction(mnist_s
         "xi": 0.5,
         "power_iterations": 2,
     }
-    assert trainer.entmin_scale > 0 and torch.allclose(entropy, entropy_with_logits(clean[0]))
-    entmin_term = trainer.entmin_scale * entropy - 0.3 * marginal_entropy_with_logits(clean[0])
+    assert trainer.ramped["entmin"] > 0 and torch.allclose(entropy, entropy_with_logits(clean[0]))
+    entmin_term = trainer.ramped["entmin"] * entropy - 0.3 * marginal_entropy_with_logits(clean[0])
     assert torch.allclose(torch.stack(losses), torch.stack([ce, entmin_term, 0.5 * lds]))
 
 
