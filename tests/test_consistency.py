@@ -357,6 +357,28 @@ def test_the_consistency_term_ramps_up_and_at_the_start_of_its_ramp_changes_noth
     assert any(not torch.equal(unramped[k], v) for k, v in weights_after_one_update(2, **ramped).items())
 
 
+def test_under_cuda_graphs_the_ramped_weights_are_the_same_device_scalars_filled_anew_each_update(mnist_split):
+    # A captured graph reads the tensors it was captured with: replacing one by a float would freeze its weight.
+    trainer = Trainer(
+        "vat",
+        small_settings(
+            hidden_units=24,
+            consistency_weight=2.0,
+            consistency_rampup_steps=4,
+            entmin_weight=1.0,
+            entmin_rampup_steps=8,
+        ),
+        mnist_split,
+        CPU,
+    )
+    held = {term: torch.zeros(()) for term in ("entmin", "consistency")}  # as the Trainer holds them on a GPU
+    trainer.ramped = dict(held)
+    for step, expected in ((1, {"entmin": 0.125, "consistency": 0.5}), (6, {"entmin": 0.75, "consistency": 2.0})):
+        trainer.update(step)
+        assert all(trainer.ramped[term] is held[term] for term in held)
+        assert {term: held[term].item() for term in held} == expected
+
+
 def test_progress_lines_show_the_consistency_term_and_its_confident_share_only_when_it_is_on():
     from job.progress import Progress
 
@@ -494,6 +516,7 @@ def test_an_option_the_run_does_not_use_neither_refuses_a_resume_nor_splits_a_co
         consistency_targets_from="weight_average",
         strong_cutout_px=4,
         strong_rotate_deg=5.0,
+        consistency_rampup_steps=10,
     )
     off = tmp_path / "off"
     run_phase("vat", small_settings(**quick), mnist_split, off)
@@ -508,6 +531,7 @@ def test_an_option_the_run_does_not_use_neither_refuses_a_resume_nor_splits_a_co
         "consistency_threshold": (0.5, "VAT_CONSISTENCY_THRESHOLD was 0.95, now 0.5"),
         "strong_cutout_px": (4, "VAT_STRONG_CUTOUT_PX was 8, now 4"),
         "consistency_targets_from": ("weight_average", "VAT_CONSISTENCY_TARGETS_FROM was 'model', now 'weight_avera"),
+        "consistency_rampup_steps": (4, "VAT_CONSISTENCY_RAMPUP_STEPS was 0, now 4"),
     }
     for name, (value, message) in used.items():
         with pytest.raises(ResumeMismatch, match=message):
