@@ -153,7 +153,7 @@ SECTIONS: dict[str, dict[str, str]] = {
         ),
         "consistency_rampup_steps": (
             "The consistency term's weight rises linearly from 0 to VAT_CONSISTENCY_WEIGHT over this many VAT updates,"
-            " so that its targets come from a model VAT has already shaped (0: full weight at once, as FixMatch)"
+            " meant to let its targets come from a model VAT has already shaped (0: full weight at once, as FixMatch)"
         ),
         "vat_targets_from": (
             "The clean prediction VAT's perturbed pass must match: model | weight_average (as above; EntMin stays on "
