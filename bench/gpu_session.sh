@@ -136,21 +136,28 @@ protocol = [(f"noise_{n // 1000}k_label1_trainseed{t}", "vat", {**default, "trai
             for n in (6000, 3000) for t in (0, 1, 2)]
 protocol += [(f"fresh_default_label{d}", phase, {**default, "label": d}) for d in range(11, 16)
              for phase in ("vat", "baseline")]
+
+
+def scale_ramps(s):
+    """The ramps shrink with the budget, as the step counts do."""
+    for ramp in ("entmin_rampup_steps", "consistency_rampup_steps"):
+        if ramp in s:
+            s[ramp] = max(1, int(s[ramp] * scale))
+
+
 plan = []
 for name, phase, settings in protocol:
     s = {k: v for k, v in settings.items() if k != "label"}
     s["label_split_seed"] = settings["label"]
     s["train_steps"] = max(3, int(s["train_steps"] * scale))
-    s["entmin_rampup_steps"] = max(1, int(s["entmin_rampup_steps"] * scale))
+    scale_ramps(s)
     if smoke:
         s.update(unlabeled_batch_size=32, num_unlabeled=2000)
     plan.append({"name": name, "phase": phase, "settings": s})
 for name, phase, settings in screening:
     for label in (1, 2):
         s = {**settings, "label_split_seed": label, "train_steps": max(3, int(settings["train_steps"] * scale))}
-        s["entmin_rampup_steps"] = max(1, int(s["entmin_rampup_steps"] * scale))
-        if "consistency_rampup_steps" in s:
-            s["consistency_rampup_steps"] = max(1, int(s["consistency_rampup_steps"] * scale))
+        scale_ramps(s)
         if smoke:
             s.update(unlabeled_batch_size=32, num_unlabeled=2000)
             s["baseline_steps"] = 5
@@ -159,8 +166,7 @@ for name, settings in candidates:
     for seed in (1, 2, 3):
         s = {**settings, "label_split_seed": seed}
         s["train_steps"] = max(3, int(s["train_steps"] * scale))
-        if "entmin_rampup_steps" in s:
-            s["entmin_rampup_steps"] = max(1, int(s["entmin_rampup_steps"] * scale))
+        scale_ramps(s)
         if smoke:
             s.update(unlabeled_batch_size=32, num_unlabeled=2000)
         plan.append({"name": f"{name}_seed{seed}", "phase": "vat", "settings": s})
