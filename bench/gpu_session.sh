@@ -8,8 +8,8 @@
 #     weights beside the average, `last_*`), most promising first, so a deadline that cuts the sweep short still
 #     leaves whole configurations (48 entries, about 306,000 update-equivalents, of which 40,000-60,000 fit:
 #     run it again on later leases with the entries already measured taken out of the plan); between the two, issue
-#     26's screening of the options beyond VAT (21 configurations x 2 label seeds, at 3,000 updates but one, `screen26_*`,
-#     what passed label seed 2 on the CPU first).
+#     26's screening of the options beyond VAT (21 configurations x 2 label seeds, at 3,000 updates but one,
+#     `screen26_*`; what passed label seed 2 on the CPU and its variants first).
 # usage: bench/gpu_session.sh MNIST_RAW_GZ_DIR OUT_DIR      (SMOKE=1: a few steps, to test the script on CPU;
 #        ONLY=screen26_: the sweep trains only the entries whose name starts with it, for a lease of its own: the
 #        speed tables are skipped and the sweep gets 540 s. Issue 26's 42 screen entries are about 200,000

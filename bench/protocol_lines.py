@@ -18,7 +18,8 @@ from typing import Any
 SETTINGS = ["label_split_seed", "seed", "train_steps", "hidden_units", "ema_decay", "translate_px",
             "unlabeled_batch_size", "eval_images"]  # fmt: skip
 OPTIONS = ["model", "labeled_augment", "consistency_weight", "consistency_targets", "consistency_threshold",
-           "consistency_temperature", "consistency_targets_from", "consistency_rampup_steps", "strong_cutout_px",
+           "consistency_temperature", "consistency_targets_from", "consistency_rampup_steps", "strong_rotate_deg",
+           "strong_elastic_px", "strong_cutout_px",
            "vat_targets_from", "vat_weight", "entmin_weight", "balance_weight", "dropout_masks"]  # fmt: skip
 
 
