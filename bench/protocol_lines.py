@@ -15,12 +15,13 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from job.training_options import TrainingOptions
+
 SETTINGS = ["label_split_seed", "seed", "train_steps", "hidden_units", "ema_decay", "translate_px",
             "unlabeled_batch_size", "eval_images"]  # fmt: skip
-OPTIONS = ["model", "labeled_augment", "consistency_weight", "consistency_targets", "consistency_threshold",
-           "consistency_temperature", "consistency_targets_from", "consistency_rampup_steps", "strong_rotate_deg",
-           "strong_elastic_px", "strong_cutout_px",
-           "vat_targets_from", "vat_weight", "entmin_weight", "balance_weight", "dropout_masks"]  # fmt: skip
+# Every option beyond VAT (all of TrainingOptions, so that a new one is recorded without a second list), and the
+# terms' weights and masks that the screen's entries change.
+OPTIONS = [*TrainingOptions.model_fields, "vat_weight", "entmin_weight", "balance_weight", "dropout_masks"]
 
 
 def line(run_folder: Path) -> dict[str, Any]:
