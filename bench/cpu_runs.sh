@@ -4,7 +4,8 @@
 # first start (OUT_DIR/code, so later edits do not change a measurement under way), JOBS at a time with THREADS
 # torch threads each, at nice 19 so that other work on the machine goes first. A run cut short resumes from its
 # last checkpoint when the script is started again with the same OUT_DIR (its log, OUT_DIR/logs/RUN_ID.log, grows
-# by the resumed part); a finished one is not trained again.
+# by the resumed part); a finished one is not trained again. To stop a stream, end the script and its xargs first
+# (otherwise xargs starts the plan's next line), then send SIGTERM to the running job: it checkpoints and exits 5.
 # usage: [JOBS=1] [THREADS=2] bench/cpu_runs.sh PLAN OUT_DIR     (MNIST: VAT_DATA_DIR, default ../shared/mnist)
 # then:  bench/protocol_lines.py OUT_DIR/runs/<RUN_ID> ...       (raw lines and mean +- std)
 set -euo pipefail
