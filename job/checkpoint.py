@@ -109,7 +109,12 @@ def check_resumable(phase: str, saved: dict[str, Any], settings: Any) -> None:
     current = training_settings(phase, settings)
     mismatched = {k: (v, current[k]) for k, v in recorded.items() if current[k] != v}
     if mismatched:
-        what = ", ".join(f"VAT_{k.upper()} was {old!r}, now {new!r}" for k, (old, new) in mismatched.items())
+        # A value nobody set is this version's default: after an upgrade the operator changed nothing, so say so.
+        chosen = getattr(settings, "model_fields_set", set(mismatched))
+        what = ", ".join(
+            f"VAT_{k.upper()} was {old!r}, now {new!r}" + ("" if k in chosen else " (this version's default)")
+            for k, (old, new) in mismatched.items()
+        )
         raise ResumeMismatch(
             f"{phase} checkpoints of this run were made with other settings ({what}); "
             "use a new VAT_RUN_ID or the old settings"

@@ -76,8 +76,10 @@ def read_runs(store_for: Any, run_ids: Sequence[str]) -> list[dict[str, Any]]:
 
 
 def report_row(report: Report) -> dict[str, Any]:
-    """The columns a validated report gives its run's row."""
-    settings = {**IMPLICIT_BEFORE_ADDED, **report.settings}
+    """The columns a validated report gives its run's row. Its settings are those the run used: an option it did not
+    use reads as today's default (the record may hold an older default, or a value that changed nothing), so the
+    listing shows no column that its grouping ignores."""
+    settings = as_used({**IMPLICIT_BEFORE_ADDED, **report.settings})
     row: dict[str, Any] = {
         "created_at": report.created_at.astimezone(UTC).isoformat(),
         "settings": settings,

@@ -198,3 +198,34 @@ def test_promoted_history_lists_every_verdict_oldest_first(collect_env, capsys):
     assert [e["run_id"] for e in json.loads(out)["history"]] == [v["run_id"] for v in VERDICTS]
     code, out, _ = collected(capsys, "--promoted-history", "--format", "csv")
     assert out.splitlines()[0].startswith("verdict,run_id,group,at,metric,candidate,test_accuracy") and code == 0
+
+
+def test_an_option_a_run_did_not_use_is_not_a_column_of_the_listing():
+    # A report records every option, used or not, at the value it had then: the cutout of a run without the
+    # consistency term changed nothing, whether the report says 8 (an older default), 4, or nothing (made before the
+    # option existed). The listing shows the settings its grouping compares, not the records' noise.
+    from job.listing import render_csv, render_table
+    from job.untrusted import Report
+
+    def row(run_id, **settings):
+        report = {
+            "run_id": run_id,
+            "created_at": "2026-11-27T02:00:00+00:00",
+            "settings": {"label_split_seed": 1, **settings},
+        }
+        models = {t: {"accuracy": 0.98, "macro_f1": 0.98} for t in ("seeded_test", "mnist_test")}
+        return {"run_id": run_id, "status": "complete"} | collect.report_row(
+            Report.model_validate_json(json.dumps({**report, "models": {"vat": models, "baseline": models}}))
+        )
+
+    unused = [row("before-options"), row("old-default", consistency_weight=0.0, strong_cutout_px=8)]
+    unused.append(row("cutout-unused", consistency_weight=0.0, strong_cutout_px=4))
+    for listing in (render_table(unused, []), render_csv(unused)):
+        assert "strong_cutout_px" not in listing and "consistency_weight" not in listing
+    assert len(collect.group_by_configuration(unused)) == 1
+
+    used = [*unused, row("cutout-used", consistency_weight=1.0, strong_cutout_px=4)]
+    header = render_table(used, []).splitlines()[0].split()
+    assert "consistency_weight" in header and "strong_cutout_px" in header
+    assert {r["run_id"]: r["settings"]["strong_cutout_px"] for r in used}["cutout-used"] == 4
+    assert len(collect.group_by_configuration(used)) == 2

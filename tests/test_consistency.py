@@ -462,8 +462,13 @@ def test_a_resume_across_a_changed_option_is_refused_and_old_checkpoints_count_a
         "labeled_augment": ("strong", "VAT_LABELED_AUGMENT was 'weak', now 'strong'"),
     }
     for name, (value, message) in changes.items():
-        with pytest.raises(ResumeMismatch, match=message):
+        with pytest.raises(ResumeMismatch, match=message) as refused:
             run_phase("vat", small_settings(**quick, **{name: value}), mnist_split, tmp_path)
+        assert "default" not in str(refused.value)  # the operator chose the new value
+    # After an upgrade that changed a default, the operator changed nothing: the refusal says where the value came from.
+    without_decay = {k: v for k, v in quick.items() if k != "ema_decay"}
+    with pytest.raises(ResumeMismatch, match=r"VAT_EMA_DECAY was 0.0, now 0.999 \(this version's default\)"):
+        run_phase("vat", small_settings(**without_decay), mnist_split, tmp_path)
     for path in tmp_path.glob("checkpoint-*.pt"):  # as written before the options existed
         state = load_checkpoint(path)
         state["settings"] = {k: v for k, v in state["settings"].items() if k not in TrainingOptions.model_fields}
