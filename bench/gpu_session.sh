@@ -57,7 +57,7 @@ base = {"xi": 1.0, "epsilon": 3.5}
 # Every setting a candidate varies is spelled out, so a later change of the job's defaults cannot turn one
 # candidate into another (the ramped recipe, the default before session 4, has no weight average and no shifts).
 ramped = {**base, "entmin_weight": 1.0, "entmin_rampup_steps": 1500, "ema_decay": 0.0, "translate_px": 0,
-          "hidden_units": 100, "train_steps": 3000}
+          "hidden_units": 100, "train_steps": 3000, "consistency_weight": 0.0, "strong_cutout_px": 8}
 full = {**ramped, "ema_decay": 0.999, "translate_px": 1}  # the default in sessions 4-5
 wide = {**full, "hidden_units": 1024}  # the default in session 6 (beyond the article's width)
 default = {**wide, "train_steps": 6000}  # the default since session 7
