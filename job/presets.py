@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from job.training_options import TrainingOptions
-
 # The seed article's training recipe, reproduced exactly by VAT_PRESET=article, quirks included.
 ARTICLE_PRESET: dict[str, Any] = {
     "baseline_steps": 500,
@@ -56,9 +54,23 @@ PRESETS: dict[str, dict[str, Any]] = {"default": {}, "article": ARTICLE_PRESET, 
 # Settings added after checkpoints and reports were first written; every run before had the article's value, so a
 # record that lacks one is read as that (a checkpoint of the article's width resumes; another width does not).
 # The options beyond VAT that the article preset does not name (their strengths, kinds of target) were unused
-# before they existed: read as their defaults, so that `collect` puts a run from before them in its configuration.
+# before they existed: read as the values they had when added, written out rather than taken from today's defaults,
+# so that a later change of a default does not rewrite old records (a run with the consistency term from before
+# its ramp existed had no ramp, whatever the ramp's default becomes).
+OPTIONS_AS_ADDED: dict[str, Any] = {
+    "consistency_targets": "hard",
+    "consistency_threshold": 0.95,
+    "consistency_temperature": 0.4,
+    "consistency_rampup_steps": 0,
+    "strong_translate_px": 3,
+    "strong_rotate_deg": 20.0,
+    "strong_shear_deg": 15.0,
+    "strong_scale": 0.15,
+    "strong_elastic_px": 1.5,
+    "strong_cutout_px": 8,
+}
 IMPLICIT_BEFORE_ADDED: dict[str, Any] = {
-    **{name: field.default for name, field in TrainingOptions.model_fields.items()},
+    **OPTIONS_AS_ADDED,
     **{
         name: ARTICLE_PRESET[name]
         for name in ("hidden_units", "epsilon_scaling", "rotate_deg", "elastic_px", "balance_weight")
