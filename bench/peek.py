@@ -21,15 +21,9 @@ from confusions import top_confusions
 from run_folder import run_split, test_set
 from sklearn.metrics import confusion_matrix
 
+from job.checkpoint import latest_intact_checkpoint
 from job.evaluate import predict
-from job.model import build_model
-
-
-def newest_checkpoint(run_folder: Path) -> Path:
-    checkpoints = sorted((run_folder / "vat").glob("checkpoint-*.pt"))
-    if not checkpoints:
-        raise SystemExit(f"{run_folder}/vat has no checkpoint yet: the VAT phase has not saved one")
-    return checkpoints[-1]
+from job.model import build_model, weight_average
 
 
 def main() -> None:
@@ -39,20 +33,26 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=5)
     args = parser.parse_args()
 
-    path = newest_checkpoint(args.run_folder)
-    state = torch.load(path, map_location="cpu", weights_only=False)  # our own checkpoint: settings are a dict
+    state = latest_intact_checkpoint(args.run_folder / "vat")  # the one a resume would take, a broken one skipped
+    if state is None:
+        raise SystemExit(f"{args.run_folder}/vat has no checkpoint yet: the VAT phase has not saved one")
     settings = state["settings"]
     images, labels = test_set(run_split(settings, args.data_dir), "seeded_test")
     truth = labels.numpy()
-    models = {"last weights": state["model"]}
+
+    def network() -> torch.nn.Module:
+        return build_model(settings["hidden_units"], settings.get("model", "article"))
+
+    last = network()
+    last.load_state_dict(state["model"])
+    models = {"last weights": last}
     if state.get("ema"):
-        prefix = "module."
-        models = {"weight average": {k[len(prefix) :]: v for k, v in state["ema"].items() if k.startswith(prefix)}}
-        models["last weights"] = state["model"]
-    print(f"{path} (update {state['step']} of {settings['train_steps']}, label seed {settings['label_split_seed']})")
-    for name, weights in models.items():
-        model = build_model(settings["hidden_units"], settings.get("model", "article"))
-        model.load_state_dict(weights)
+        average = weight_average(network(), 0.0)
+        average.load_state_dict(state["ema"])  # the decay only steers updates; the weights are the checkpoint's
+        models = {"weight average": average.module, **models}
+    step, steps, draw = state["step"], settings["train_steps"], settings["label_split_seed"]
+    print(f"{args.run_folder}: update {step} of {steps}, label seed {draw}")
+    for name, model in models.items():
         predicted = predict(model.eval(), images, batch_size=1000)
         matrix = confusion_matrix(truth, predicted, labels=list(range(10)))
         confusions = ", ".join(f"{t} read as {p}: {n}" for n, t, p in top_confusions(matrix, args.top))
