@@ -57,7 +57,8 @@ base = {"xi": 1.0, "epsilon": 3.5}
 # Every setting a candidate varies is spelled out, so a later change of the job's defaults cannot turn one
 # candidate into another (the ramped recipe, the default before session 4, has no weight average and no shifts).
 ramped = {**base, "entmin_weight": 1.0, "entmin_rampup_steps": 1500, "ema_decay": 0.0, "translate_px": 0,
-          "hidden_units": 100, "train_steps": 3000, "consistency_weight": 0.0, "strong_cutout_px": 8}
+          "hidden_units": 100, "train_steps": 3000, "consistency_weight": 0.0, "consistency_rampup_steps": 0,
+          "strong_cutout_px": 8}
 full = {**ramped, "ema_decay": 0.999, "translate_px": 1}  # the default in sessions 4-5
 wide = {**full, "hidden_units": 1024}  # the default in session 6 (beyond the article's width)
 default = {**wide, "train_steps": 6000}  # the default since session 7
@@ -94,7 +95,8 @@ candidates = [  # issue 13, most promising first; with EMA every entry also scor
 # once, at 3,000 updates on label seeds 1 and 2 beside the default recipe at the same budget (a screen, not a result:
 # what passes it goes to label seed 3 and the training seeds of the protocol). Seed 2 beside seed 1 because FixMatch
 # gained 0.0046 on seed 1 and lost 0.0076 on seed 2, whose labels lack the crossed 7 (BENCHMARKS.md, issue 26).
-# Strengths are the VAT_STRONG_* defaults unless named. The baselines are trained under the same labelled
+# Strengths are the VAT_STRONG_* defaults unless named, but for cutout: 8 pixels, its value when the screen began
+# (in `ramped`), unless named; the term's ramp is 0 unless named. The baselines are trained under the same labelled
 # augmentation as their VAT.
 fixmatch = {"consistency_weight": 1.0, "consistency_targets": "hard", "consistency_threshold": 0.95}
 uda = {"consistency_weight": 1.0, "consistency_targets": "soft", "consistency_temperature": 0.4,
@@ -151,7 +153,7 @@ protocol += [(f"fresh_default_label{d}", phase, {**default, "label": d}) for d i
 def scale_ramps(s):
     """The ramps shrink with the budget, as the step counts do."""
     for ramp in ("entmin_rampup_steps", "consistency_rampup_steps"):
-        if ramp in s:
+        if s.get(ramp):  # none stays none
             s[ramp] = max(1, int(s[ramp] * scale))
 
 

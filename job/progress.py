@@ -10,8 +10,11 @@ from job.layout import PHASES
 
 # A VAT update passes the unlabelled batch three times (clean, power iteration, perturbed) beside the labelled one:
 # measured on the 2-core CPU at 512 + 100 images, 6.4 baseline updates' time (BENCHMARKS.md). Before VAT has run,
-# its time is estimated from the baseline's rate with this; after, it is measured.
+# its time is estimated from the baseline's rate with this; after, it is measured. The consistency term's strong
+# pass (forward and backward of the strongly augmented batch, and drawing its transforms) made a VAT update 1.43
+# times as long on the same CPU (BENCHMARKS.md, issue 26's cost table).
 UNLABELED_COST = 1.07
+CONSISTENCY_COST = 1.43
 
 
 def clock(seconds: float) -> str:
@@ -30,6 +33,8 @@ class Progress:
         vat_terms += [("consistency", settings.consistency_weight), ("confident", settings.consistency_weight)]
         self.terms = {"baseline": ["cross_entropy"], "vat": ["cross_entropy", *(t for t, w in vat_terms if w > 0)]}
         self.vat_cost = 1 + UNLABELED_COST * settings.unlabeled_batch_size / settings.labeled_batch_size
+        if settings.consistency_weight > 0:
+            self.vat_cost *= CONSISTENCY_COST
 
     def job_seconds_left(self, phase: str, done: int, total: int, rate: float) -> float:
         left = (total - done) / rate

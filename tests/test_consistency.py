@@ -390,6 +390,16 @@ def test_progress_lines_show_the_consistency_term_and_its_confident_share_only_w
     assert not {"consistency", "confident"} & set(off) and {"consistency", "confident"} <= set(on)
 
 
+def test_before_vat_runs_the_time_left_counts_the_strong_pass():
+    from job.progress import CONSISTENCY_COST, Progress
+
+    def vat_seconds_left(weight: float) -> float:  # during the baseline, from its rate of 10 updates/s
+        progress = Progress(small_settings(consistency_weight=weight), RecordingLog())
+        return progress.job_seconds_left("baseline", 5, 5, 10.0)
+
+    assert vat_seconds_left(1.0) == pytest.approx(vat_seconds_left(0.0) * CONSISTENCY_COST) and CONSISTENCY_COST > 1
+
+
 EVERYTHING_ON = dict(
     labeled_augment="strong",
     consistency_weight=1.0,
