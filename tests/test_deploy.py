@@ -4,6 +4,7 @@ import json
 import os
 import re
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -307,6 +308,16 @@ def test_every_vat_variable_the_manifests_set_is_a_real_setting():
     used = set(re.findall(r"\b(VAT_[A-Z0-9_]+)\b", "".join(p.read_text() for p in MANIFESTS)))
     assert used, "the manifests set settings"
     assert used <= settings, used - settings
+
+
+def test_the_image_the_cluster_pulls_and_the_one_the_guide_builds_are_this_version():
+    # A new default (or anything else a resume refuses) comes with a new version; a site left on the old tag
+    # would run the old recipe under the new documents.
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    site = yaml.safe_load((K8S / "site" / "kustomization.yaml").read_text())
+    assert [image["newTag"] for image in site["images"] if image["name"] == "vat-job"] == [version]
+    built = re.findall(r"docker build -t \S+/vat-job:(\S+) ", (REPO / "docs" / "kubernetes.md").read_text())
+    assert built and set(built) == {version}, built
 
 
 def test_optional_components_patch_jobs_and_the_cronjob(builds):
