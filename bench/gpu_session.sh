@@ -28,10 +28,10 @@ EOF
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee -a "$out/machine.txt"
 
 if [ "${SMOKE:-0}" = 1 ]; then
-  scale=0.002; article="BASELINE_STEPS=5 TRAIN_STEPS=5 HIDDEN_UNITS=100"; steps="BASELINE_STEPS=5 TRAIN_STEPS=5"
+  scale=0.002; article="BASELINE_STEPS=5 TRAIN_STEPS=5 HIDDEN_UNITS=100 CONSISTENCY_WEIGHT=0.0"; steps="BASELINE_STEPS=5 TRAIN_STEPS=5"
   workers=1; limit=3600  # CPU: minutes per entry
 else
-  scale=1; article="TRAIN_STEPS=3000 HIDDEN_UNITS=100"; steps=""
+  scale=1; article="TRAIN_STEPS=3000 HIDDEN_UNITS=100 CONSISTENCY_WEIGHT=0.0"; steps=""
   workers=4; limit=330  # the small CNN leaves an H200 mostly idle: 4 processes share it
 fi
 
