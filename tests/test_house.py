@@ -1,10 +1,12 @@
 """The house rules of DESIGN.md that a refactor could break silently: imports go one way, no module grows into
-several concerns."""
+several concerns, and the documents' links lead somewhere."""
 
 import ast
+import re
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "job"
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "job"
 
 
 def job_imports(path: Path) -> set[str]:
@@ -43,3 +45,26 @@ def test_the_vat_loss_and_the_model_know_nothing_of_settings_files_or_logs():
 def test_no_module_grows_past_about_300_lines():
     sizes = {path.name: len(path.read_text().splitlines()) for path in PACKAGE.glob("*.py")}
     assert all(n <= 320 for n in sizes.values()), sizes
+
+
+def heading_anchors(markdown: str) -> set[str]:
+    """GitHub's anchors of a document's headings: lower case, punctuation dropped, spaces to hyphens."""
+    headings = re.findall(r"^#+ (.+)$", re.sub(r"^```.*?^```", "", markdown, flags=re.M | re.S), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+def test_every_relative_link_of_the_documents_reaches_a_file_and_its_heading():
+    # A link in docs/ is relative to docs/: "docs/operations.md" there is docs/docs/operations.md, a dead link.
+    documents = [*REPO.glob("*.md"), *REPO.glob("docs/*.md")]
+    dead = []
+    for document in documents:
+        for target in re.findall(r"\]\(([^)\s]+)\)", document.read_text()):
+            if re.match(r"[a-z]+:", target):
+                continue  # https:, mailto:
+            path, _, anchor = target.partition("#")
+            linked = (document.parent / path).resolve() if path else document
+            if not linked.exists():
+                dead.append(f"{document.relative_to(REPO)}: {target} (no such file)")
+            elif anchor and linked.suffix == ".md" and anchor not in heading_anchors(linked.read_text()):
+                dead.append(f"{document.relative_to(REPO)}: {target} (no such heading)")
+    assert len(documents) >= 8 and not dead, dead
