@@ -87,8 +87,8 @@ def job_env(tmp_path: Path, mnist_dir: Path, **settings: Any) -> dict[str, str]:
         VAT_CHECKPOINT_EVERY="2",
         VAT_EVAL_BATCH_SIZE="200",
         # 200 images of each test set, not 10,000: evaluating all was two thirds of a short run's time (1,000 still
-        # 1.7 s of its 13 when measured). The runs that check what was learnt and on which labels (LEARNING_STEPS, the promotion
-        # tests) evaluate on all.
+        # 1.7 s of its 13 when measured). The runs that check what was learnt and on which labels (LEARNING_STEPS,
+        # the promotion tests) evaluate on all.
         VAT_EVAL_IMAGES="200",
         VAT_PLOTS="false",
         # The article's width: the plumbing is the same and checkpoints are about 9x smaller (5.6 MB, not 52), which
