@@ -16,7 +16,9 @@
 #        update-equivalents at the CPU's cost ratios, about four such leases (the first eight, about 32,000, in
 #        one): run it again with the entries already measured taken out of the screening list;
 #        ONLY=frozen26: issue 26's frozen runs alone, only after its screen has met the stopping rule: 5 candidate
-#        runs, 5 baselines and the old default, about 38,000 update-equivalents, one lease)
+#        runs, 5 baselines, then the old default on the same draws so that both are compared on one device (its
+#        CPU runs exist for 12-15), about 73,000 update-equivalents at the CPU's cost ratios: if a lease ends
+#        before the old default's entries, run them on the next with ONLY=frozen26_old)
 set -u
 src=$1; out=$2; mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -151,13 +153,13 @@ protocol = [(f"noise_{n // 1000}k_label1_trainseed{t}", "vat", {**default, "trai
 protocol += [(f"fresh_default_label{d}", phase, {**default, "label": d}) for d in range(11, 16)
              for phase in ("vat", "baseline")]
 # Issue 26's frozen runs (bench/plans/issue26_frozen2.txt): the last candidate on the fresh draws 12-16 with its
-# baselines, and the old default on draw 16. Planned only when asked for by name (ONLY=frozen26), after the
+# baselines, and the old default on draw 16, then on 12-15 (on the CPU it has run there already). Planned only when asked for by name (ONLY=frozen26), after the
 # candidate has met the stopping rule on its screen (BENCHMARKS.md, issue 26): a fresh draw is read once.
 frozen = [(f"frozen26_ramp_no_cutout_label{d}", "vat",
            {**default, **fixmatch, "consistency_rampup_steps": 1500, "strong_cutout_px": 0, "label": d})
           for d in range(12, 17)]
 frozen += [(f"frozen26_baseline_label{d}", "baseline", {**default, "label": d}) for d in range(12, 17)]
-frozen += [("frozen26_old_default_label16", "vat", {**default, "label": 16})]
+frozen += [(f"frozen26_old_default_label{d}", "vat", {**default, "label": d}) for d in (16, 12, 13, 14, 15)]
 if os.environ.get("ONLY", "").startswith("frozen26"):
     protocol = frozen
 

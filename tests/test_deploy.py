@@ -316,7 +316,7 @@ def test_the_image_the_cluster_pulls_and_the_one_the_guide_builds_are_this_versi
     version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     site = yaml.safe_load((K8S / "site" / "kustomization.yaml").read_text())
     assert [image["newTag"] for image in site["images"] if image["name"] == "vat-job"] == [version]
-    built = re.findall(r"\S+/vat-job:([^\s`]+)", (REPO / "docs" / "kubernetes.md").read_text())
+    built = re.findall(r"\bvat-job:([\w.+-]*\w)", (REPO / "docs" / "kubernetes.md").read_text())
     assert len(built) >= 2 and set(built) == {version}, built  # docker build -t ... and docker push ...
 
 
