@@ -106,6 +106,7 @@ fixmatch = {"consistency_weight": 1.0, "consistency_targets": "hard", "consisten
 uda = {"consistency_weight": 1.0, "consistency_targets": "soft", "consistency_temperature": 0.4,
        "consistency_threshold": 0.8}
 teacher = {"consistency_targets_from": "weight_average"}
+ramp_no_cutout = {"consistency_rampup_steps": 1500, "strong_cutout_px": 0}  # issue 26's last candidate
 screening = [
     ("reference_default_3k", "vat", wide),
     # First, what passed label seed 2 on the CPU where FixMatch lost (BENCHMARKS.md, issue 26): the two changes
@@ -115,13 +116,13 @@ screening = [
     # The term ramped in over the first half, so that its targets come from a model VAT has shaped (seed 2: +0.0065,
     # 7s read as 2: 4), and both changes together:
     ("fixmatch_ramp", "vat", {**wide, **fixmatch, "consistency_rampup_steps": 1500}),
-    ("fixmatch_ramp_no_cutout", "vat", {**wide, **fixmatch, "consistency_rampup_steps": 1500, "strong_cutout_px": 0}),
+    ("fixmatch_ramp_no_cutout", "vat", {**wide, **fixmatch, **ramp_no_cutout}),
     # At 3,000 updates FixMatch without cutout is above the 6,000-update default on seeds 1 and 2 (CPU); does it gain
     # from the default's 6,000 too (twice the job)?
     ("fixmatch_no_cutout_6k", "vat", {**default, **fixmatch, "strong_cutout_px": 0}),
     # Frozen at 6,000 it read 145 crossed 7s as 2 on fresh draw 11 (CPU, session 22); the next candidate adds the ramp:
     ("fixmatch_ramp_no_cutout_6k", "vat",
-     {**default, **fixmatch, "consistency_rampup_steps": 1500, "strong_cutout_px": 0}, (11, 2, 1, 3)),
+     {**default, **fixmatch, **ramp_no_cutout}, (11, 2, 1, 3)),
     ("fixmatch", "vat", {**wide, **fixmatch}),
     ("fixmatch_teacher", "vat", {**wide, **fixmatch, **teacher}),
     # The model's own target carries its dropout noise (fewer pass the threshold): without dropout on unlabelled.
@@ -153,10 +154,10 @@ protocol = [(f"noise_{n // 1000}k_label1_trainseed{t}", "vat", {**default, "trai
 protocol += [(f"fresh_default_label{d}", phase, {**default, "label": d}) for d in range(11, 16)
              for phase in ("vat", "baseline")]
 # Issue 26's frozen runs (bench/plans/issue26_frozen2.txt): the last candidate on the fresh draws 12-16 with its
-# baselines, and the old default on draw 16, then on 12-15 (on the CPU it has run there already). Planned only when asked for by name (ONLY=frozen26), after the
-# candidate has met the stopping rule on its screen (BENCHMARKS.md, issue 26): a fresh draw is read once.
-frozen = [(f"frozen26_ramp_no_cutout_label{d}", "vat",
-           {**default, **fixmatch, "consistency_rampup_steps": 1500, "strong_cutout_px": 0, "label": d})
+# baselines, and the old default on draw 16, then on 12-15 (on the CPU it has run there already). Planned only when
+# asked for by name (ONLY=frozen26), after the candidate has met the stopping rule on its screen (BENCHMARKS.md,
+# issue 26): a fresh draw is read once.
+frozen = [(f"frozen26_ramp_no_cutout_label{d}", "vat", {**default, **fixmatch, **ramp_no_cutout, "label": d})
           for d in range(12, 17)]
 frozen += [(f"frozen26_baseline_label{d}", "baseline", {**default, "label": d}) for d in range(12, 17)]
 frozen += [(f"frozen26_old_default_label{d}", "vat", {**default, "label": d}) for d in (16, 12, 13, 14, 15)]

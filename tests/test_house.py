@@ -5,7 +5,8 @@ import ast
 import re
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.support import REPO
+
 PACKAGE = REPO / "job"
 
 
@@ -47,9 +48,14 @@ def test_no_module_grows_past_about_300_lines():
     assert all(n <= 320 for n in sizes.values()), sizes
 
 
+def prose(markdown: str) -> str:
+    """A document without its fenced code blocks: a `#` or `](` in code is neither a heading nor a link."""
+    return re.sub(r"^```.*?^```", "", markdown, flags=re.M | re.S)
+
+
 def heading_anchors(markdown: str) -> set[str]:
     """GitHub's anchors of a document's headings: lower case, punctuation dropped, spaces to hyphens."""
-    headings = re.findall(r"^#+ (.+)$", re.sub(r"^```.*?^```", "", markdown, flags=re.M | re.S), flags=re.M)
+    headings = re.findall(r"^#+ (.+)$", prose(markdown), flags=re.M)
     return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
 
 
@@ -58,8 +64,7 @@ def test_every_relative_link_of_the_documents_reaches_a_file_and_its_heading():
     documents = [*REPO.glob("*.md"), *REPO.glob("docs/*.md")]
     dead = []
     for document in documents:
-        prose = re.sub(r"^```.*?^```", "", document.read_text(), flags=re.M | re.S)  # code is not links
-        for target in re.findall(r"\]\(([^)\s]+)(?: \"[^\"]*\")?\)", prose):
+        for target in re.findall(r"\]\(([^)\s]+)(?: \"[^\"]*\")?\)", prose(document.read_text())):
             if re.match(r"[a-z]+:", target):
                 continue  # https:, mailto:
             path, _, anchor = target.partition("#")
