@@ -1,5 +1,6 @@
-"""Settings of the training options beyond VAT, all off by default and in VAT_PRESET=article: another network,
-strong augmentation of the labelled batch, consistency across strong augmentation, targets from the weight average.
+"""Settings of the training options beyond VAT, all off in VAT_PRESET=article: another network, strong augmentation
+of the labelled batch, consistency across strong augmentation, targets from the weight average. The default has one
+on since 0.2.0: consistency across strong augmentation (FixMatch's hard targets, without cutout, ramped in).
 
 A part of `job.settings.Settings` (which inherits these fields and their check), kept here so that settings.py
 stays one screenful of concerns; job/settings_help.py documents them with the others.
@@ -18,19 +19,19 @@ MAX_STEPS = 10_000_000  # 10M updates: days on an H200; a larger number is a typ
 class TrainingOptions(BaseModel):
     model: Literal["article", "conv-small"] = "article"
     labeled_augment: Literal["weak", "strong"] = "weak"
-    consistency_weight: float = Field(default=0.0, ge=0, le=1000)
+    consistency_weight: float = Field(default=1.0, ge=0, le=1000)
     consistency_targets: Literal["hard", "soft"] = "hard"
     consistency_threshold: float = Field(default=0.95, ge=0, le=1)
     consistency_temperature: float = Field(default=0.4, gt=0, le=10)
     consistency_targets_from: Literal["model", "weight_average"] = "model"
-    consistency_rampup_steps: int = Field(default=0, ge=0, le=MAX_STEPS)
+    consistency_rampup_steps: int = Field(default=1500, ge=0, le=MAX_STEPS)
     vat_targets_from: Literal["model", "weight_average"] = "model"
     strong_translate_px: int = Field(default=3, ge=0, le=8)
     strong_rotate_deg: float = Field(default=20.0, ge=0, le=90)
     strong_shear_deg: float = Field(default=15.0, ge=0, le=45)
     strong_scale: float = Field(default=0.15, ge=0, le=0.5)
     strong_elastic_px: float = Field(default=1.5, ge=0, le=8)
-    strong_cutout_px: int = Field(default=8, ge=0, le=28)
+    strong_cutout_px: int = Field(default=0, ge=0, le=28)
 
     @model_validator(mode="after")
     def _weight_average_exists(self) -> TrainingOptions:

@@ -2,6 +2,7 @@
 Conv-Small. What they are worth is for the GPU's screening (bench/gpu_session.sh); here: what they compute."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -24,12 +25,13 @@ from job.presets import ARTICLE_PRESET, IMPLICIT_BEFORE_ADDED
 from job.schedules import ramped_weights
 from job.settings import ConfigError, Settings, load_settings
 from job.train import Interrupted, Trainer
-from job.training_options import TrainingOptions
+from job.training_options import TrainingOptions, as_used
 from tests.support import RecordingLog, assert_same_weights, run_phase, small_settings, stop_after, weights
 
 CPU = torch.device("cpu")
 NONE = StrongAugmentation(translate_px=0, rotate_deg=0, shear_deg=0, scale=0, elastic_px=0, cutout_px=0)
 DEFAULT = StrongAugmentation.from_settings(Settings(_env_file=None))
+WITH_CUTOUT = replace(DEFAULT, cutout_px=8)  # every part of the transform (the default has no cutout since 0.2.0)
 
 
 def digits(split, n=16):
@@ -63,7 +65,7 @@ def test_strong_augmentation_draws_from_the_default_generator_of_the_images_devi
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(torch, name, spy)
-    strongly_augmented(digits(mnist_split), DEFAULT)
+    strongly_augmented(digits(mnist_split), WITH_CUTOUT)
     assert len(devices) == 4 and all(torch.device(d) == CPU for d in devices), devices
 
 
@@ -295,18 +297,19 @@ def test_targets_come_from_the_weight_average_in_evaluation_mode(mnist_split, mo
     with pytest.raises(ConfigError, match="VAT_CONSISTENCY_TARGETS_FROM=weight_average needs a weight average"):
         load_settings(env_file=None, consistency_targets_from="weight_average", consistency_weight=1.0, ema_decay=0.0)
     # Off, a term needs no target and so no average: its unused setting is not an error (as elsewhere).
-    load_settings(env_file=None, consistency_targets_from="weight_average", ema_decay=0.0)
+    load_settings(env_file=None, consistency_targets_from="weight_average", consistency_weight=0.0, ema_decay=0.0)
     load_settings(env_file=None, vat_targets_from="weight_average", vat_weight=0.0, ema_decay=0.0)
 
 
 def test_with_the_options_off_an_update_draws_and_computes_what_it_did_before_them(mnist_split, monkeypatch):
-    """Off (the default), nothing of them runs: the same draws from the generator, the same numbers as before."""
+    """Off (as in the article preset), nothing of them runs: the same draws from the generator, the same numbers as
+    before them."""
     import job.train as train_module
 
     for name in ("strongly_augmented", "consistency_term", "targets_from_weight_average"):
         monkeypatch.setattr(train_module, name, lambda *a, _name=name, **k: pytest.fail(f"{_name} ran"))
     for phase in ("baseline", "vat"):
-        trainer = Trainer(phase, small_settings(hidden_units=24), mnist_split, CPU)
+        trainer = Trainer(phase, small_settings(hidden_units=24, consistency_weight=0.0), mnist_split, CPU)
         assert trainer.update(0)[3] == 0
 
 
@@ -335,7 +338,7 @@ def test_an_update_records_the_share_of_targets_the_threshold_keeps(mnist_split,
         shares[threshold] = trainer.update(0)[HISTORY_NAMES.index("confident")].item()
         assert shares[threshold] == confident(targets[-1], threshold).mean().item(), "the mask the loss used"
     assert shares[0.0] == 1.0 and shares[1.0] == 0.0
-    trainer = Trainer("vat", small_settings(hidden_units=24), mnist_split, CPU)
+    trainer = Trainer("vat", small_settings(hidden_units=24, consistency_weight=0.0), mnist_split, CPU)
     trainer.model.train()
     assert trainer.update(0)[HISTORY_NAMES.index("confident")] == 0
 
@@ -350,10 +353,15 @@ def test_the_consistency_term_ramps_up_and_at_the_start_of_its_ramp_changes_noth
 
     ramped = dict(consistency_weight=2.0, consistency_rampup_steps=4)
     assert ramped_weights(2, small_settings(**ramped))["consistency"] == 1.0
+    at_once = dict(consistency_rampup_steps=0)  # full weight from the first update (the default ramps since 0.2.0)
     assert_same_weights(weights_after_one_update(0, **ramped), weights_after_one_update(0, consistency_weight=0.0))
-    assert_same_weights(weights_after_one_update(2, **ramped), weights_after_one_update(2, consistency_weight=1.0))
-    assert_same_weights(weights_after_one_update(5, **ramped), weights_after_one_update(5, consistency_weight=2.0))
-    unramped = weights_after_one_update(2, consistency_weight=2.0)
+    assert_same_weights(
+        weights_after_one_update(2, **ramped), weights_after_one_update(2, consistency_weight=1.0, **at_once)
+    )
+    assert_same_weights(
+        weights_after_one_update(5, **ramped), weights_after_one_update(5, consistency_weight=2.0, **at_once)
+    )
+    unramped = weights_after_one_update(2, consistency_weight=2.0, **at_once)
     assert any(not torch.equal(unramped[k], v) for k, v in weights_after_one_update(2, **ramped).items())
 
 
@@ -410,6 +418,7 @@ EVERYTHING_ON = dict(
     ema_decay=0.9,
     entmin_weight=1.0,
     consistency_rampup_steps=4,  # a resume after update 2 continues the ramp where it was
+    strong_cutout_px=8,  # off by default since 0.2.0: its draws too
     hidden_units=24,
 )
 
@@ -442,20 +451,28 @@ def test_resumed_with_every_option_on_equals_uninterrupted(mnist_split, tmp_path
         assert [c > 0 for c in consistency] == [share > 0 for share in straight.history["confident"]]
 
 
-def test_the_article_preset_and_the_default_have_every_option_off():
-    for preset in ("article", "default"):
-        s = load_settings(env_file=None, preset=preset)
-        assert (s.model, s.labeled_augment, s.consistency_weight) == ("article", "weak", 0.0), preset
-        assert (s.consistency_targets_from, s.vat_targets_from) == ("model", "model"), preset
+def test_the_article_preset_has_every_option_off_and_the_default_only_the_consistency_term():
+    article = load_settings(env_file=None, preset="article")
+    assert (article.model, article.labeled_augment, article.consistency_weight) == ("article", "weak", 0.0)
+    assert (article.consistency_targets_from, article.vat_targets_from) == ("model", "model")
     for name in ("model", "labeled_augment", "consistency_weight", "consistency_targets_from", "vat_targets_from"):
         assert name in ARTICLE_PRESET, f"the article preset says {name} explicitly"
-    # A record (checkpoint, report) from before the options reads as the default's and the article's values, so
-    # `collect` keeps a nightly configuration one group across the change.
-    for preset in ("article", "default"):
-        s = load_settings(env_file=None, preset=preset)
-        assert {name: getattr(s, name) for name in TrainingOptions.model_fields} == {
-            name: IMPLICIT_BEFORE_ADDED[name] for name in TrainingOptions.model_fields
-        }
+    # A record (checkpoint, report) from before the options reads as the article's values, so `collect` keeps a
+    # nightly configuration of the article one group across the change.
+    fields = TrainingOptions.model_fields
+    assert as_used({n: getattr(article, n) for n in fields}) == as_used({n: IMPLICIT_BEFORE_ADDED[n] for n in fields})
+    # The default since 0.2.0 (issue 26): FixMatch's term beside VAT, hard targets above 0.95, no cutout, ramped in
+    # over 1,500 updates; a record from before the options differs from it in the term's weight alone (the ramp and
+    # the cutout are not used where the term is off), so its resume under the default is refused, never mixed.
+    default = load_settings(env_file=None, preset="default")
+    chosen = dict(
+        consistency_weight=1.0, consistency_targets="hard", consistency_threshold=0.95, consistency_rampup_steps=1500
+    )
+    assert {n: getattr(default, n) for n in chosen} == chosen and default.strong_cutout_px == 0
+    assert (default.model, default.labeled_augment, default.consistency_targets_from) == ("article", "weak", "model")
+    before = as_used({n: IMPLICIT_BEFORE_ADDED[n] for n in fields})
+    now = as_used({n: getattr(default, n) for n in fields})
+    assert {n for n in fields if before[n] != now[n]} == {"consistency_weight"}
 
 
 def test_every_training_option_is_recorded_in_the_vat_checkpoint():
@@ -464,7 +481,7 @@ def test_every_training_option_is_recorded_in_the_vat_checkpoint():
 
 
 def test_a_resume_across_a_changed_option_is_refused_and_old_checkpoints_count_as_all_off(mnist_split, tmp_path):
-    quick = dict(train_steps=2, checkpoint_every=1, hidden_units=24, ema_decay=0.0)
+    quick = dict(train_steps=2, checkpoint_every=1, hidden_units=24, ema_decay=0.0, consistency_weight=0.0)
     run_phase("vat", small_settings(**quick), mnist_split, tmp_path)
     changes = {
         "consistency_weight": (0.5, "VAT_CONSISTENCY_WEIGHT was 0.0, now 0.5"),
@@ -473,7 +490,7 @@ def test_a_resume_across_a_changed_option_is_refused_and_old_checkpoints_count_a
     }
     for name, (value, message) in changes.items():
         with pytest.raises(ResumeMismatch, match=message) as refused:
-            run_phase("vat", small_settings(**quick, **{name: value}), mnist_split, tmp_path)
+            run_phase("vat", small_settings(**{**quick, name: value}), mnist_split, tmp_path)
         assert "default" not in str(refused.value)  # the operator chose the new value
     # After an upgrade that changed a default, the operator changed nothing: the refusal says where the value came from.
     without_decay = {k: v for k, v in quick.items() if k != "ema_decay"}
@@ -485,7 +502,15 @@ def test_a_resume_across_a_changed_option_is_refused_and_old_checkpoints_count_a
         state["history"] = state["history"][:, :3]  # no consistency column yet
         save_checkpoint(path, state)
     with pytest.raises(ResumeMismatch, match="VAT_CONSISTENCY_WEIGHT was 0.0, now 0.5"):
-        run_phase("vat", small_settings(**quick, **{"consistency_weight": 0.5}), mnist_split, tmp_path)
+        run_phase("vat", small_settings(**{**quick, "consistency_weight": 0.5}), mnist_split, tmp_path)
+    # Such a run, resumed by a version whose default has the term on (0.2.0), is refused unless the old value is set.
+    with pytest.raises(ResumeMismatch, match=r"VAT_CONSISTENCY_WEIGHT was 0.0, now 1.0 \(this version's default\)"):
+        run_phase(
+            "vat",
+            small_settings(**{k: v for k, v in quick.items() if k != "consistency_weight"}),
+            mnist_split,
+            tmp_path,
+        )
     resumed = run_phase("vat", small_settings(**quick), mnist_split, tmp_path)
     assert resumed.resumed_from == 2 and resumed.history["consistency"] == resumed.history["confident"] == [0.0, 0.0]
 
@@ -524,6 +549,7 @@ def test_an_option_the_run_does_not_use_neither_refuses_a_resume_nor_splits_a_co
     from job.collect import configuration
 
     quick = dict(train_steps=2, checkpoint_every=1, hidden_units=24, ema_decay=0.9)
+    off = dict(quick, consistency_weight=0.0)
     unused_when_off = dict(
         consistency_targets="soft",
         consistency_threshold=0.5,
@@ -533,10 +559,10 @@ def test_an_option_the_run_does_not_use_neither_refuses_a_resume_nor_splits_a_co
         strong_rotate_deg=5.0,
         consistency_rampup_steps=10,
     )
-    off = tmp_path / "off"
-    run_phase("vat", small_settings(**quick), mnist_split, off)
+    run_phase("vat", small_settings(**off), mnist_split, tmp_path / "off")
     for name, value in unused_when_off.items():
-        assert run_phase("vat", small_settings(**quick, **{name: value}), mnist_split, off).resumed_from == 2, name
+        resumed = run_phase("vat", small_settings(**off, **{name: value}), mnist_split, tmp_path / "off")
+        assert resumed.resumed_from == 2, name
 
     hard = dict(quick, consistency_weight=0.5, consistency_targets="hard")
     on = tmp_path / "on"
@@ -544,9 +570,9 @@ def test_an_option_the_run_does_not_use_neither_refuses_a_resume_nor_splits_a_co
     assert run_phase("vat", small_settings(**hard, consistency_temperature=2.0), mnist_split, on).resumed_from == 2
     used = {
         "consistency_threshold": (0.5, "VAT_CONSISTENCY_THRESHOLD was 0.95, now 0.5"),
-        "strong_cutout_px": (4, "VAT_STRONG_CUTOUT_PX was 8, now 4"),
+        "strong_cutout_px": (4, "VAT_STRONG_CUTOUT_PX was 0, now 4"),
         "consistency_targets_from": ("weight_average", "VAT_CONSISTENCY_TARGETS_FROM was 'model', now 'weight_avera"),
-        "consistency_rampup_steps": (4, "VAT_CONSISTENCY_RAMPUP_STEPS was 0, now 4"),
+        "consistency_rampup_steps": (4, "VAT_CONSISTENCY_RAMPUP_STEPS was 1500, now 4"),
     }
     for name, (value, message) in used.items():
         with pytest.raises(ResumeMismatch, match=message):
@@ -555,7 +581,10 @@ def test_an_option_the_run_does_not_use_neither_refuses_a_resume_nor_splits_a_co
     def group_of(**settings):
         return configuration({"settings": small_settings(**settings).public_dict()})
 
-    assert all(group_of(**{name: value}) == group_of() for name, value in unused_when_off.items())
+    assert all(
+        group_of(consistency_weight=0.0, **{name: value}) == group_of(consistency_weight=0.0)
+        for name, value in unused_when_off.items()
+    )
     assert group_of(consistency_weight=0.5, consistency_threshold=0.5) != group_of(consistency_weight=0.5)
     assert group_of(strong_cutout_px=4, labeled_augment="strong") != group_of(labeled_augment="strong")
     assert group_of(vat_weight=0.0, vat_targets_from="weight_average", ema_decay=0.9) == group_of(
