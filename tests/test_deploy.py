@@ -226,7 +226,7 @@ def quantity(text: str) -> float:
 
 def test_resources_follow_the_measured_peaks_with_headroom(builds):
     # BENCHMARKS.md, the job on one H200: peak host RSS 1.65 GB (1.77 GB with AMP=bf16), peak GPU memory 843 MB
-    # (the first default; the 0.2.0 default's CPU runs peaked at 1,413-1,513 MiB, not yet measured on a GPU).
+    # (the first default; the 0.2.0 default's CPU runs peaked at 1,413-1,499 MiB, not yet measured on a GPU).
     peak_rss = 1.77e9
     for name, _, pod in pod_specs(documents(builds["all-components"].read_text())):
         resources = pod["containers"][0]["resources"]
