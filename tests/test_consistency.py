@@ -573,10 +573,12 @@ def test_an_option_the_run_does_not_use_neither_refuses_a_resume_nor_splits_a_co
         "strong_cutout_px": (4, "VAT_STRONG_CUTOUT_PX was 0, now 4"),
         "consistency_targets_from": ("weight_average", "VAT_CONSISTENCY_TARGETS_FROM was 'model', now 'weight_avera"),
         "consistency_rampup_steps": (4, "VAT_CONSISTENCY_RAMPUP_STEPS was 1500, now 4"),
+        "consistency_targets": ("soft", "VAT_CONSISTENCY_TARGETS was 'hard', now 'soft'"),
+        "vat_targets_from": ("weight_average", "VAT_VAT_TARGETS_FROM was 'model', now 'weight_average'"),
     }
     for name, (value, message) in used.items():
         with pytest.raises(ResumeMismatch, match=message):
-            run_phase("vat", small_settings(**hard, **{name: value}), mnist_split, on)
+            run_phase("vat", small_settings(**{**hard, name: value}), mnist_split, on)
 
     def group_of(**settings):
         return configuration({"settings": small_settings(**settings).public_dict()})
