@@ -15,9 +15,10 @@
 #        speed tables are skipped and the sweep gets 540 s. Issue 26's 42 screen entries are about 200,000
 #        update-equivalents at the CPU's cost ratios, about four such leases (the first eight, about 32,000, in
 #        one): run it again with the entries already measured taken out of the screening list;
-#        ONLY=frozen26: issue 26's frozen runs alone, only after its screen has met the stopping rule: 5 candidate
-#        runs, 5 baselines, then the old default on the same draws so that both are compared on one device (its
-#        CPU runs exist for 12-15), about 73,000 update-equivalents at the CPU's cost ratios: if a lease ends
+#        ONLY=frozen26: issue 26's frozen runs alone (its screen met the stopping rule; the CPU runs of all of
+#        them exist, BENCHMARKS.md, issue 26, so on a GPU they repeat read draws, for the device's figures, not
+#        for a choice): 5 candidate runs, 5 baselines, then the old default on the same draws so that both are
+#        compared on one device, about 73,000 update-equivalents at the CPU's cost ratios: if a lease ends
 #        before the old default's entries, run them on the next with ONLY=frozen26_old)
 set -u
 src=$1; out=$2; mkdir -p "$out"
@@ -154,10 +155,10 @@ protocol = [(f"noise_{n // 1000}k_label1_trainseed{t}", "vat", {**default, "trai
             for n in (6000, 3000) for t in (0, 1, 2)]
 protocol += [(f"fresh_default_label{d}", phase, {**default, "label": d}) for d in range(11, 16)
              for phase in ("vat", "baseline")]
-# Issue 26's frozen runs (bench/plans/issue26_frozen2.txt): the last candidate on the fresh draws 12-16 with its
-# baselines, and the old default on draw 16, then on 12-15 (on the CPU it has run there already). Planned only when
-# asked for by name (ONLY=frozen26), after the candidate has met the stopping rule on its screen (BENCHMARKS.md,
-# issue 26): a fresh draw is read once.
+# Issue 26's frozen runs (bench/plans/issue26_frozen2.txt): the 0.2.0 default on draws 12-16 with its baselines,
+# and the old default on draw 16, then on 12-15. All of them have run on the CPU and been read there (BENCHMARKS.md,
+# issue 26), so these draws are no longer fresh: planned only when asked for by name (ONLY=frozen26), to measure the
+# same comparison on one GPU, never to choose.
 frozen = [(f"frozen26_ramp_no_cutout_label{d}", "vat", {**default, **fixmatch, **ramp_no_cutout, "label": d})
           for d in range(12, 17)]
 frozen += [(f"frozen26_baseline_label{d}", "baseline", {**default, "label": d}) for d in range(12, 17)]
