@@ -16,9 +16,9 @@
 #        update-equivalents at the CPU's cost ratios, about four such leases (the first eight, about 32,000, in
 #        one): run it again with the entries already measured taken out of the screening list;
 #        ONLY=frozen26: issue 26's frozen runs alone (its screen met the stopping rule; the CPU runs of all of
-#        them exist, BENCHMARKS.md, issue 26, so on a GPU they repeat already-read draws, for the device's figures, not
-#        for a choice): 5 candidate runs, 5 baselines, then the old default on the same draws so that both are
-#        compared on one device, about 73,000 update-equivalents at the CPU's cost ratios: if a lease ends
+#        them exist, BENCHMARKS.md, issue 26, so on a GPU they repeat already-read draws, for the device's
+#        figures, not for a choice): 5 candidate runs, 5 baselines, then the old default on the same draws so that
+#        both are compared on one device, about 73,000 update-equivalents at the CPU's cost ratios: if a lease ends
 #        before the old default's entries, run them on the next with ONLY=frozen26_old)
 set -u
 src=$1; out=$2; mkdir -p "$out"
